@@ -1,0 +1,559 @@
+"""The consumer: claims jobs, generates them, stores the image and records the outcome.
+
+One `Consumer` runs in one asyncio loop (inside a Ray actor, or a plain
+process). Its tasks:
+
+- the listener wakes the claim loop on every NOTIFY, the poll every
+  `poll_interval_s`, and a finished job whenever there may be a backlog;
+- the claim loop keeps up to `concurrency` jobs in flight, so the deployment
+  receives enough concurrent requests to form batches;
+- the lease loop renews the leases of in-flight jobs, stops jobs this
+  consumer no longer holds (cancelled or taken over), and returns jobs whose
+  consumer died to the queue;
+- one task per job runs `_run_job`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from consumer.backends import BackendOutput, BackendRegistry, JobContext
+from consumer.listener import Listener
+from consumer.observer import NULL_OBSERVER, Observer
+from consumer.repository import ClaimedJob, ImageRecord, JobRepository, create_pool, is_connection_error
+from consumer.storage import ObjectStore, object_key
+from imagen.errors import (
+    BackendTimeoutError,
+    DatabaseError,
+    InvalidImageError,
+    JobCancelledError,
+    JobError,
+    LeaseLostError,
+)
+from imagen.settings import Settings
+from serve_app.requests import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def new_consumer_id() -> str:
+    """An id unique to this process start, so a restarted consumer never inherits old leases."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _InFlight:
+    job: ClaimedJob
+    task: asyncio.Task
+    started: float = field(default_factory=time.monotonic)
+    # Why the task was cancelled from outside: "cancelled", "lost" or "shutdown".
+    abort_reason: str | None = None
+
+
+class Consumer:
+    """Claim and run jobs until `stop()` is called."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        backends: BackendRegistry,
+        store: ObjectStore,
+        *,
+        consumer_id: str | None = None,
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
+        self.settings = settings
+        self.id = consumer_id or new_consumer_id()
+        self._dsn = dsn
+        self.backends = backends
+        self.store = store
+        self.observer = observer
+        self.pool: asyncpg.Pool | None = None
+        self.repository: JobRepository | None = None
+        self.listener: Listener | None = None
+        self._inflight: dict[str, _InFlight] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.ready = asyncio.Event()
+        self.claimed_total = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, check the store, start listening and begin claiming."""
+        log_extra = {"event": "consumer_starting", "consumer_id": self.id, "store": self.store.kind,
+                     "backends": ",".join(self.backends.names())}
+        logger.info("consumer starting", extra=log_extra)
+        await self.store.check_writable()
+        self.pool = await create_pool(self._dsn, min_size=1, max_size=max(4, self.settings.concurrency + 2))
+        self.repository = JobRepository(self.pool, self.id)
+        self.listener = Listener(
+            self._dsn,
+            consumer_id=self.id,
+            on_job=lambda _job_id: self._wake.set(),
+            on_cancel=self._on_cancel_notification,
+            on_reconnect=self._wake.set,
+            check_interval_s=self.settings.listener_check_interval_s,
+            reconnect_max_delay_s=self.settings.reconnect_max_delay_s,
+        )
+        self._tasks = [
+            asyncio.create_task(self.listener.run(self._stopping), name="imagen-listener"),
+            asyncio.create_task(self._poll_loop(), name="imagen-poll"),
+            asyncio.create_task(self._lease_loop(), name="imagen-lease"),
+        ]
+        await self._check_listen()
+        self._tasks.append(asyncio.create_task(self._claim_loop(), name="imagen-claim"))
+        self._wake.set()
+        self.ready.set()
+        logger.info("consumer started", extra={"event": "consumer_started", "consumer_id": self.id,
+                                               "listen_works": self.listener.listen_works})
+
+    async def _check_listen(self) -> None:
+        try:
+            works = await self.listener.probe(self.pool)
+        except (asyncio.TimeoutError, *_db_errors()) as exc:
+            logger.warning("LISTEN probe could not run: %s", exc,
+                           extra={"event": "listen_probe_failed", "consumer_id": self.id})
+            return
+        if not works:
+            logger.error(
+                "LISTEN does not work on this database connection: a probe NOTIFY never arrived. "
+                "A transaction-mode pooler (such as Supabase's pooler on port 6543) drops notifications; "
+                "point IMAGEN_WORKER_DATABASE_URL at a direct connection or a session-mode pooler "
+                "(port 5432). Running on the %.1f s poll alone.", self.settings.poll_interval_s,
+                extra={"event": "listen_unavailable", "consumer_id": self.id},
+            )
+
+    async def run(self) -> None:
+        """Start, then wait until `stop()` finishes."""
+        await self.start()
+        await self._stopped.wait()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop claiming, let in-flight jobs finish within `grace_s`, then hand the rest back."""
+        if self._stopping.is_set():
+            await self._stopped.wait()
+            return
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("consumer stopping", extra={"event": "consumer_stopping", "consumer_id": self.id,
+                                                "in_flight": len(self._inflight), "grace_s": grace_s})
+        self._stopping.set()
+        self._wake.set()
+
+        pending = [entry.task for entry in self._inflight.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        await self._hand_back_unfinished()
+
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.backends.close()
+        await self.store.close()
+        if self.pool is not None:
+            await self.pool.close()
+        self._stopped.set()
+        logger.info("consumer stopped", extra={"event": "consumer_stopped", "consumer_id": self.id})
+
+    async def _hand_back_unfinished(self) -> None:
+        unfinished = list(self._inflight.values())
+        if not unfinished:
+            return
+        for entry in unfinished:
+            entry.abort_reason = "shutdown"
+            entry.task.cancel()
+        await asyncio.gather(*(entry.task for entry in unfinished), return_exceptions=True)
+        ids = [entry.job.id for entry in unfinished]
+        released = await self._retry_db(lambda: self.repository.release(ids), "release_jobs")
+        for job_id in released or []:
+            logger.info("job handed back on shutdown", extra={"event": "job_released", "job_id": job_id,
+                                                              "consumer_id": self.id})
+
+    # ------------------------------------------------------------------ loops
+
+    async def _poll_loop(self) -> None:
+        """Wake the claim loop every poll interval, covering lost notifications."""
+        while not self._stopping.is_set():
+            await _sleep_unless(self._stopping, self.settings.poll_interval_s)
+            self._wake.set()
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            await self._claim_available()
+
+    async def _claim_available(self) -> None:
+        """Claim until the queue is empty or every slot is busy."""
+        while not self._stopping.is_set():
+            free = self.settings.concurrency - len(self._inflight)
+            if free <= 0:
+                return
+            try:
+                jobs = await self.repository.claim(free, self.settings.lease_s)
+            except DatabaseError as exc:
+                logger.warning("claim failed, the poll retries: %s", exc,
+                               extra={"event": "claim_failed", "consumer_id": self.id})
+                return
+            for job in jobs:
+                self._start_job(job)
+            if len(jobs) < free:
+                return
+
+    def _start_job(self, job: ClaimedJob) -> None:
+        self.claimed_total += 1
+        task = asyncio.create_task(self._run_job_guarded(job), name=f"imagen-job-{job.id}")
+        self._inflight[job.id] = _InFlight(job=job, task=task)
+        self.observer.job_claimed(job)
+        logger.info("job claimed", extra={"event": "job_claimed", "job_id": job.id, "consumer_id": self.id,
+                                          "attempt": job.attempt, "backend": job.backend,
+                                          "queued_s": round(job.queued_s, 4)})
+
+    async def _lease_loop(self) -> None:
+        """Renew leases a few times per lease period and rescue leases other consumers let expire."""
+        interval_s = self.settings.lease_s / 3
+        while not self._stopping.is_set():
+            await _sleep_unless(self._stopping, interval_s)
+            if self._stopping.is_set():
+                return
+            await self._renew_leases()
+            await self._rescue_expired()
+
+    async def _renew_leases(self) -> None:
+        entries = [entry for entry in self._inflight.values() if not entry.task.done()]
+        if not entries:
+            return
+        try:
+            held = await self.repository.renew_leases([(e.job.id, e.job.attempt) for e in entries],
+                                                      self.settings.lease_s)
+        except DatabaseError as exc:
+            logger.warning("lease renewal failed: %s", exc, extra={"event": "lease_renew_failed",
+                                                                   "consumer_id": self.id})
+            return
+        for entry in entries:
+            if entry.job.id not in held and not entry.task.done():
+                self._abort(entry, "lost")
+
+    async def _rescue_expired(self) -> None:
+        try:
+            rows = await self.repository.rescue_expired(self.settings.retry_base_delay_s,
+                                                        self.settings.retry_max_delay_s)
+        except DatabaseError as exc:
+            logger.warning("lease rescue failed: %s", exc, extra={"event": "lease_rescue_failed",
+                                                                  "consumer_id": self.id})
+            return
+        for row in rows:
+            job_id = str(row["id"])
+            final = row["status"] == "failed"
+            log = logger.error if final else logger.info
+            log("job's consumer was lost; %s", "failed after max attempts" if final else "returned to the queue",
+                extra={"event": "job_failed" if final else "job_rescued", "job_id": job_id,
+                       "attempt": row["attempt"], "max_attempts": row["max_attempts"], "consumer_id": self.id})
+            self.observer.job_rescued(job_id, final)
+        if rows:
+            self._wake.set()
+
+    def _on_cancel_notification(self, job_id: str) -> None:
+        entry = self._inflight.get(job_id)
+        if entry is not None and not entry.task.done():
+            self._abort(entry, "cancelled")
+
+    def _abort(self, entry: _InFlight, reason: str) -> None:
+        if entry.abort_reason is None:
+            entry.abort_reason = reason
+            entry.task.cancel()
+
+    # ------------------------------------------------------------------ one job
+
+    async def _run_job_guarded(self, job: ClaimedJob) -> None:
+        """Run one job; whatever happens, the job ends recorded and its slot is freed."""
+        try:
+            await self._run_job(job)
+        except asyncio.CancelledError:
+            await self._after_abort(job)
+        except Exception:  # noqa: BLE001 - the consumer must outlive any bug in one job
+            logger.exception("unexpected error while recording job", extra={"event": "job_internal_error",
+                                                                            "job_id": job.id})
+        finally:
+            self._inflight.pop(job.id, None)
+            # A free slot may take the next job of a backlog.
+            if not self._stopping.is_set():
+                self._wake.set()
+
+    async def _run_job(self, job: ClaimedJob) -> None:
+        started = time.monotonic()
+        try:
+            backend = self.backends.get(job.backend)
+            request = self._prepare(job, backend.spec)
+            output = await self._generate(job, backend, request)
+            _check_output(job, output)
+            image_id = await self._finish(job, backend.spec.model, request, output, time.monotonic() - started)
+        except JobError as exc:
+            await self._record_failure(job, exc)
+            self.observer.job_finished(job, "failed" if not exc.transient else "retried", time.monotonic() - started)
+            return
+        except Exception as exc:  # noqa: BLE001 - an unexpected error still fails the job with its text
+            logger.exception("job raised an unexpected error", extra={"event": "job_unexpected_error",
+                                                                      "job_id": job.id})
+            await self._record_failure(job, JobError(f"internal error: {type(exc).__name__}: {exc}"))
+            self.observer.job_finished(job, "failed", time.monotonic() - started)
+            return
+
+        if image_id is None:
+            return
+        self.observer.job_finished(job, "done", time.monotonic() - started)
+        logger.info("job done", extra={"event": "job_done", "job_id": job.id, "image_id": image_id,
+                                       "attempt": job.attempt, "wall_s": round(time.monotonic() - started, 4)})
+
+    def _prepare(self, job: ClaimedJob, spec) -> GenerationRequest:
+        """Check the job against its backend and build the request, before any model work."""
+        prompt = job.prompt
+        if job.style:
+            from consumer.styles import apply_style
+
+            prompt = apply_style(job.style, job.prompt)
+        spec.check(prompt=prompt, width=job.width, height=job.height, steps=job.steps, guidance=job.guidance)
+        trace_context = {"traceparent": job.traceparent} if job.traceparent else {}
+        if job.tracestate:
+            trace_context["tracestate"] = job.tracestate
+        return GenerationRequest(prompt=prompt, width=job.width, height=job.height, seed=job.seed,
+                                 steps=job.steps or spec.default_steps,
+                                 guidance=job.guidance if spec.supports_guidance else None,
+                                 job_id=job.id, trace_context=trace_context)
+
+    async def _generate(self, job: ClaimedJob, backend, request: GenerationRequest) -> BackendOutput:
+        context = JobContext(
+            job_id=job.id,
+            attempt=job.attempt,
+            owner_user_id=job.owner_user_id,
+            prediction_id=job.prediction_id,
+            save_prediction_id=lambda prediction_id: self._save_prediction_id(job, prediction_id),
+            report_progress=_ProgressWriter(self, job).report,
+            trace_context=dict(request.trace_context),
+        )
+        try:
+            return await asyncio.wait_for(backend.generate(request, context), timeout=self.settings.backend_timeout_s)
+        except asyncio.TimeoutError:
+            raise BackendTimeoutError(
+                f"backend {backend.spec.name} did not answer within {self.settings.backend_timeout_s:g} s "
+                "(IMAGEN_BACKEND_TIMEOUT_S)"
+            ) from None
+
+    async def _save_prediction_id(self, job: ClaimedJob, prediction_id: str) -> None:
+        saved = await self._retry_db(lambda: self.repository.save_prediction_id(job, prediction_id),
+                                     "save_prediction_id")
+        if saved is False:
+            raise LeaseLostError(f"job {job.id} is no longer held by this consumer")
+
+    async def _finish(self, job: ClaimedJob, model: str, request: GenerationRequest, output: BackendOutput,
+                      wall_s: float) -> str | None:
+        """Store the image and record the job done; returns the image id, or None when the job was lost."""
+        result = output.result
+        record = ImageRecord(
+            prompt=request.prompt, backend=job.backend, model=result.model or model, width=result.width,
+            height=result.height, seed=result.seed, steps=result.steps, guidance=result.guidance,
+            storage_bucket=self.store.bucket, storage_key=object_key(job.prompt, job.seed, job.created_at.date()),
+            byte_size=len(result.png), wall_s=wall_s, gpu_s=result.gpu_s, predict_time_s=output.predict_time_s,
+            estimated_cost_usd=_estimate_cost(job.backend, output, result.gpu_s), prediction_id=output.prediction_id,
+        )
+        for attempt in range(2):
+            try:
+                return await self._complete_with_retries(job, record, result.png)
+            except asyncpg.UniqueViolationError as exc:
+                if attempt or exc.constraint_name != "images_object_is_unique":
+                    raise
+                # Another job of the same prompt, seed and day took the key first.
+                record = _with_key(record, object_key(job.prompt, job.seed, job.created_at.date(),
+                                                      suffix=job.id.replace("-", "")[:8]))
+        return None
+
+    async def _complete_with_retries(self, job: ClaimedJob, record: ImageRecord, png: bytes) -> str | None:
+        deadline = time.monotonic() + self.settings.lease_s
+        delay_s = 0.1
+        while True:
+            try:
+                async with self.repository.completing(job, record, self.settings.owner_user_id) as image_id:
+                    if image_id is not None:
+                        await self.store.put(record.storage_key, png, record.content_type)
+                if image_id is None:
+                    return await self._explain_not_held(job)
+                return image_id
+            except DatabaseError as exc:
+                # The commit may have landed before the connection died; the row tells.
+                state = await self._state_or_none(job.id)
+                if state is not None and state["status"] == "done" and state["lease_owner"] == self.id \
+                        and state["attempt"] == job.attempt:
+                    return str(state["image_id"])
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                logger.warning("recording job failed, retrying: %s", exc,
+                               extra={"event": "job_complete_retry", "job_id": job.id})
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+
+    async def _explain_not_held(self, job: ClaimedJob) -> None:
+        state = await self._state_or_none(job.id)
+        status = state["status"] if state is not None else "deleted"
+        if status == "cancelled":
+            logger.info("job was cancelled; result discarded", extra={"event": "job_cancelled_discarded",
+                                                                      "job_id": job.id})
+            self.observer.job_finished(job, "cancelled", 0.0)
+        else:
+            logger.warning("lease lost before the result was recorded; result discarded",
+                           extra={"event": "job_lease_lost", "job_id": job.id, "attempt": job.attempt,
+                                  "status": status})
+        return None
+
+    async def _state_or_none(self, job_id: str):
+        try:
+            return await self.repository.job_state(job_id)
+        except DatabaseError:
+            return None
+
+    async def _record_failure(self, job: ClaimedJob, exc: JobError) -> None:
+        if isinstance(exc, (LeaseLostError, JobCancelledError)):
+            await self._explain_not_held(job)
+            return
+        retry = exc.transient and job.attempt < job.max_attempts
+        if retry:
+            delay_s = self._backoff_s(job.attempt, exc)
+            message = f"attempt {job.attempt} of {job.max_attempts} failed, retrying in {delay_s:.1f} s: {exc}"
+            recorded = await self._retry_db(lambda: self.repository.retry(job, message, delay_s), "retry_job")
+            logger.info("job failed, will retry", extra={"event": "job_retry", "job_id": job.id,
+                                                         "attempt": job.attempt, "delay_s": round(delay_s, 3),
+                                                         "error": str(exc)})
+        else:
+            message = f"failed on attempt {job.attempt} of {job.max_attempts}: {exc}"
+            recorded = await self._retry_db(lambda: self.repository.fail(job, message), "fail_job")
+            logger.error("job failed", extra={"event": "job_failed", "job_id": job.id, "attempt": job.attempt,
+                                              "error": str(exc)})
+        if recorded is False:
+            await self._explain_not_held(job)
+
+    def _backoff_s(self, attempt: int, exc: JobError) -> float:
+        hint = getattr(exc, "retry_after_s", None)
+        base = self.settings.retry_base_delay_s * 2 ** (attempt - 1)
+        delay_s = min(self.settings.retry_max_delay_s, base) * random.uniform(0.75, 1.25)
+        if hint is not None:
+            delay_s = max(delay_s, min(float(hint), self.settings.retry_max_delay_s))
+        return delay_s
+
+    async def _after_abort(self, job: ClaimedJob) -> None:
+        entry = self._inflight.get(job.id)
+        reason = entry.abort_reason if entry is not None else None
+        if reason == "shutdown" or reason is None:
+            # The shutdown path releases every unfinished job in one statement.
+            return
+        state = await self._state_or_none(job.id)
+        if state is not None and state["status"] == "running" and state["lease_owner"] == self.id:
+            # A cancel notification for a job that is still ours: someone sent a stray NOTIFY.
+            await self._retry_db(lambda: self.repository.release([job.id]), "release_jobs")
+            logger.warning("stray cancel notification; job handed back", extra={"event": "job_released",
+                                                                                 "job_id": job.id})
+            return
+        await self._explain_not_held(job)
+
+    async def _retry_db(self, operation, name: str):
+        """Run a database operation, retrying connection errors for up to one lease period.
+
+        Returns None when the database stayed away; the job's lease then
+        expires and another consumer's rescue decides its fate.
+        """
+        deadline = time.monotonic() + self.settings.lease_s
+        delay_s = 0.1
+        while True:
+            try:
+                return await operation()
+            except DatabaseError as exc:
+                if time.monotonic() + delay_s > deadline:
+                    logger.warning("%s failed for a whole lease period, giving up: %s", name, exc,
+                                   extra={"event": "db_write_abandoned", "query": name})
+                    return None
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+
+class _ProgressWriter:
+    """Store step progress on the job row at most once per `progress_interval_s`, and always the last step."""
+
+    def __init__(self, consumer: Consumer, job: ClaimedJob) -> None:
+        self._consumer = consumer
+        self._job = job
+        self._last_write = 0.0
+        self._writing: asyncio.Task | None = None
+
+    def report(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step < total and now - self._last_write < self._consumer.settings.progress_interval_s:
+            return
+        self._last_write = now
+        self._writing = asyncio.get_running_loop().create_task(self._write(step, total))
+
+    async def _write(self, step: int, total: int) -> None:
+        try:
+            await self._consumer.repository.update_progress(self._job, step, total)
+        except DatabaseError as exc:
+            logger.debug("progress write failed: %s", exc, extra={"event": "progress_write_failed",
+                                                                  "job_id": self._job.id})
+
+
+def _check_output(job: ClaimedJob, output: BackendOutput) -> None:
+    """Reject results that are not the PNG the job asked for; nothing is stored then."""
+    result = output.result
+    if not result.png.startswith(PNG_SIGNATURE):
+        raise InvalidImageError(f"backend {job.backend} returned data that is not a PNG image")
+    if (result.width, result.height) != (job.width, job.height):
+        raise InvalidImageError(
+            f"backend {job.backend} returned {result.width}x{result.height}, "
+            f"but the job asked for {job.width}x{job.height}"
+        )
+
+
+def _with_key(record: ImageRecord, key: str) -> ImageRecord:
+    from dataclasses import replace
+
+    return replace(record, storage_key=key)
+
+
+def _estimate_cost(backend: str, output: BackendOutput, gpu_s: float | None) -> float | None:
+    try:
+        from consumer.pricing import estimate_cost_usd
+    except ImportError:
+        return None
+    return estimate_cost_usd(backend, predict_time_s=output.predict_time_s, gpu_s=gpu_s)
+
+
+def _db_errors() -> tuple[type[BaseException], ...]:
+    from consumer.repository import CONNECTION_ERRORS
+
+    return (DatabaseError, *CONNECTION_ERRORS)
+
+
+async def _sleep_unless(event: asyncio.Event, delay_s: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout=delay_s)
+    except asyncio.TimeoutError:
+        pass
+
+
+__all__ = ["Consumer", "new_consumer_id", "is_connection_error"]

@@ -1,0 +1,146 @@
+"""Start and stop the whole service: database, Ray, the deployment and the consumers.
+
+`Service` is what `imagen up` and `imagen demo` run. With no database URL it
+starts the embedded PostgreSQL of the data directory and applies the
+migrations; with one it uses that server as it is unless asked to migrate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagen.errors import SettingsError
+from imagen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_database_url(settings: Settings) -> tuple[str, bool]:
+    """Return the database URL to use and whether it is the embedded server."""
+    if settings.database_url:
+        return settings.database_url, False
+    from imagen.embedded_db import ensure_embedded_database
+
+    return ensure_embedded_database(settings.data_dir), True
+
+
+@dataclass
+class Service:
+    """The running parts of one `imagen up`."""
+
+    settings: Settings
+    dsn: str = ""
+    embedded: bool = False
+    consumers: list[Any] = field(default_factory=list)
+    deployment: Any = None
+    health_file: Path | None = None
+
+    async def start(self, *, migrate: bool = False, serve: bool = True, progress=None) -> None:
+        """Bring everything up; `progress(text)` is told about each slow step."""
+        say = progress or (lambda _text: None)
+
+        say("starting the database")
+        self.dsn, self.embedded = await asyncio.to_thread(resolve_database_url, self.settings)
+        if migrate or self.embedded:
+            from imagen.migrate import migrate as apply_migrations
+
+            applied = await apply_migrations(self.dsn)
+            logger.info("migrations applied", extra={"event": "migrations_applied", "count": len(applied)})
+
+        from imagen import cluster
+
+        say("starting Ray")
+        await asyncio.to_thread(cluster.start_ray, self.settings, dashboard=True)
+        if serve:
+            say(f"loading model {self.settings.model} on the deployment")
+            self.deployment = await asyncio.to_thread(cluster.deploy, self.settings)
+
+        say("starting consumers")
+        from consumer.actor import ConsumerActor
+
+        from imagen.logs import current_format
+
+        self.consumers = [
+            ConsumerActor.options(name=f"imagen-consumer-{index}", namespace=cluster.NAMESPACE,
+                                  lifetime=None).remote(self.settings, self.dsn, current_format())
+            for index in range(self.settings.consumers)
+        ]
+        statuses = await asyncio.gather(*(actor.start.remote() for actor in self.consumers))
+        for status in statuses:
+            logger.info("consumer ready", extra={"event": "consumer_ready", **status})
+        self.write_health(statuses)
+
+    async def consumer_statuses(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(actor.status.remote() for actor in self.consumers)))
+
+    def write_health(self, statuses: list[dict[str, Any]]) -> None:
+        """Record readiness for the container's HEALTHCHECK (`imagen health`)."""
+        path = self.health_file or (self.settings.data_dir / "health.json")
+        ready = bool(statuses) and all(status.get("started") and status.get("listening") for status in statuses)
+        payload = {"time": time.time(), "deployment_ready": self.deployment is not None,
+                   "consumers_ready": ready, "consumers": statuses}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".tmp")
+        temp.write_text(json.dumps(payload))
+        temp.replace(path)
+
+    async def watch_health(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
+        """Refresh the health file until `stop` is set."""
+        while not stop.is_set():
+            try:
+                self.write_health(await self.consumer_statuses())
+            except Exception as exc:  # noqa: BLE001 - a dead actor makes the service unhealthy, not crash
+                logger.warning("health check failed: %s", exc, extra={"event": "health_check_failed"})
+                self.write_health([])
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        """Stop consumers gracefully, then the deployment, Ray and the embedded database."""
+        logger.info("service stopping", extra={"event": "service_stopping"})
+        if self.consumers:
+            results = await asyncio.gather(
+                *(actor.stop.remote(self.settings.shutdown_grace_s) for actor in self.consumers),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, Exception):
+                    logger.warning("consumer did not stop cleanly: %s", result,
+                                   extra={"event": "consumer_stop_failed"})
+        (self.health_file or (self.settings.data_dir / "health.json")).unlink(missing_ok=True)
+
+        from imagen import cluster
+
+        await asyncio.to_thread(cluster.shutdown)
+        if self.embedded:
+            from imagen.embedded_db import EmbeddedPostgres
+
+            await asyncio.to_thread(EmbeddedPostgres(self.settings.data_dir).stop)
+        logger.info("service stopped", extra={"event": "service_stopped"})
+
+
+def check_health(settings: Settings, max_age_s: float = 30.0) -> tuple[bool, str]:
+    """Read the health file and say whether the service is ready, and why not."""
+    path = settings.data_dir / "health.json"
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, f"{path} is missing: the service has not finished starting"
+    except ValueError as exc:
+        raise SettingsError(f"{path} is not valid JSON: {exc}") from exc
+    age_s = time.time() - payload.get("time", 0)
+    if age_s > max_age_s:
+        return False, f"health was last written {age_s:.0f} s ago: the service is stuck or stopped"
+    if not payload.get("deployment_ready"):
+        return False, "the deployment has not loaded and warmed the model yet"
+    if not payload.get("consumers_ready"):
+        return False, "a consumer is not started or not listening"
+    return True, "ready"

@@ -1,0 +1,224 @@
+"""Settings read from the environment.
+
+The names of the Go worker's env file (`IMAGEN_WORKER_DATABASE_URL`,
+`SUPABASE_URL`, `SUPABASE_SERVICE_KEY`, `IMAGEN_OWNER_USER_ID`,
+`REPLICATE_API_TOKEN`) keep their meaning; every other setting is
+`IMAGEN_<NAME>` and carries its unit in the name. Secrets never appear in
+`repr()` or logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagen.errors import SettingsError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+
+
+def _default_data_dir() -> Path:
+    # A source checkout keeps its state next to the code; an installed wheel
+    # keeps it in the working directory.
+    if (PROJECT_ROOT / "pyproject.toml").exists():
+        return PROJECT_ROOT / ".data"
+    return Path.cwd() / ".imagen-data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service, validated at construction."""
+
+    # Database. None means "start the embedded PostgreSQL in data_dir".
+    database_url: str | None = field(default=None, repr=False)
+    data_dir: Path = field(default_factory=_default_data_dir)
+
+    # Supabase Storage; local files only when these are unset.
+    supabase_url: str | None = None
+    supabase_service_key: str | None = field(default=None, repr=False)
+    storage_bucket: str = "imagen-generated"
+    keep_local_copy: bool = False
+    output_dir: Path | None = None
+
+    owner_user_id: str | None = None
+    replicate_api_token: str | None = field(default=None, repr=False)
+    replicate_base_url: str | None = None
+
+    # Model serving.
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    serve_replicas: int = 1
+    serve_max_batch_size: int = 4
+    serve_batch_wait_timeout_s: float = 0.05
+    serve_max_ongoing_requests: int = 32
+    serve_num_cpus: float = 1.0
+    serve_http_port: int = 8000
+    warmup_shapes: tuple[tuple[int, int, int], ...] = ()
+
+    # Queue and consumers.
+    consumers: int = 1
+    concurrency: int = 8
+    poll_interval_s: float = 5.0
+    lease_s: float = 30.0
+    max_attempts: int = 3
+    retry_base_delay_s: float = 2.0
+    retry_max_delay_s: float = 300.0
+    backend_timeout_s: float = 300.0
+    shutdown_grace_s: float = 30.0
+    listener_check_interval_s: float = 5.0
+    reconnect_max_delay_s: float = 10.0
+    progress_interval_s: float = 0.5
+
+    # Logging.
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "serve_replicas", "serve_max_batch_size", "serve_max_ongoing_requests",
+                        "consumers", "concurrency", "max_attempts")
+        _check_positive(self, "poll_interval_s", "lease_s", "backend_timeout_s", "serve_num_cpus",
+                        "listener_check_interval_s", "reconnect_max_delay_s", "retry_max_delay_s")
+        _check_non_negative(self, "serve_batch_wait_timeout_s", "retry_base_delay_s",
+                            "shutdown_grace_s", "progress_interval_s")
+        if self.owner_user_id is not None:
+            try:
+                uuid.UUID(self.owner_user_id)
+            except ValueError:
+                raise SettingsError(
+                    f"IMAGEN_OWNER_USER_ID must be a UUID, got {self.owner_user_id!r}; "
+                    "set it to the owner's auth.users id"
+                ) from None
+        if bool(self.supabase_url) != bool(self.supabase_service_key):
+            missing = "SUPABASE_SERVICE_KEY" if self.supabase_url else "SUPABASE_URL"
+            raise SettingsError(
+                f"{missing} is missing: set both SUPABASE_URL and SUPABASE_SERVICE_KEY "
+                "to upload to Supabase Storage, or neither to write local files"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"IMAGEN_DEVICE must be auto, cpu or cuda, got {self.device!r}")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"IMAGEN_LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.lease_s < 3:
+            raise SettingsError(
+                f"IMAGEN_LEASE_S must be at least 3 seconds so a lease can be renewed in time, "
+                f"got {self.lease_s}"
+            )
+
+    @property
+    def uses_supabase_storage(self) -> bool:
+        return bool(self.supabase_url and self.supabase_service_key)
+
+    @property
+    def local_output_dir(self) -> Path:
+        """Directory for PNG files written to local disk."""
+        return self.output_dir if self.output_dir is not None else self.data_dir / "images"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables, ignoring empty values."""
+        env = {k: v for k, v in (os.environ if environ is None else environ).items() if v.strip() != ""}
+        values: dict[str, Any] = {}
+        for name, (env_name, parse) in _ENV_FIELDS.items():
+            if env_name in env:
+                values[name] = _parse(env_name, env[env_name], parse)
+        return cls(**values)
+
+
+def _check_positive(settings: Settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value <= 0:
+            raise SettingsError(f"{_env_name(name)} must be > 0, got {value}")
+
+
+def _check_non_negative(settings: Settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value < 0:
+            raise SettingsError(f"{_env_name(name)} must be >= 0, got {value}")
+
+
+def _env_name(field_name: str) -> str:
+    for name, (env_name, _) in _ENV_FIELDS.items():
+        if name == field_name:
+            return env_name
+    return field_name
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _parse_shapes(raw: str) -> tuple[tuple[int, int, int], ...]:
+    """Parse `WIDTHxHEIGHTxSTEPS` items separated by commas, e.g. `1024x1024x4,512x512x4`."""
+    shapes = []
+    for item in raw.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3:
+            raise ValueError(f"expected WIDTHxHEIGHTxSTEPS, got {item.strip()!r}")
+        width, height, steps = (int(part) for part in parts)
+        shapes.append((width, height, steps))
+    return tuple(shapes)
+
+
+def _parse(env_name: str, raw: str, parse: Any) -> Any:
+    try:
+        return parse(raw.strip())
+    except ValueError as exc:
+        shown = "<hidden>" if env_name in SECRET_ENV_NAMES else repr(raw)
+        raise SettingsError(f"{env_name} is invalid ({exc}), got {shown}") from None
+
+
+SECRET_ENV_NAMES = frozenset({"IMAGEN_WORKER_DATABASE_URL", "SUPABASE_SERVICE_KEY", "REPLICATE_API_TOKEN"})
+
+# Field name -> (environment variable, parser).
+_ENV_FIELDS: dict[str, tuple[str, Any]] = {
+    "database_url": ("IMAGEN_WORKER_DATABASE_URL", str),
+    "data_dir": ("IMAGEN_DATA_DIR", lambda raw: Path(raw).expanduser().resolve()),
+    "supabase_url": ("SUPABASE_URL", lambda raw: raw.rstrip("/")),
+    "supabase_service_key": ("SUPABASE_SERVICE_KEY", str),
+    "storage_bucket": ("IMAGEN_STORAGE_BUCKET", str),
+    "keep_local_copy": ("IMAGEN_KEEP_LOCAL_COPY", _parse_bool),
+    "output_dir": ("IMAGEN_OUTPUT_DIR", lambda raw: Path(raw).expanduser().resolve()),
+    "owner_user_id": ("IMAGEN_OWNER_USER_ID", str),
+    "replicate_api_token": ("REPLICATE_API_TOKEN", str),
+    "replicate_base_url": ("IMAGEN_REPLICATE_BASE_URL", lambda raw: raw.rstrip("/")),
+    "model": ("IMAGEN_MODEL", str),
+    "device": ("IMAGEN_DEVICE", str),
+    "serve_replicas": ("IMAGEN_SERVE_REPLICAS", int),
+    "serve_max_batch_size": ("IMAGEN_SERVE_MAX_BATCH_SIZE", int),
+    "serve_batch_wait_timeout_s": ("IMAGEN_SERVE_BATCH_WAIT_TIMEOUT_S", float),
+    "serve_max_ongoing_requests": ("IMAGEN_SERVE_MAX_ONGOING_REQUESTS", int),
+    "serve_num_cpus": ("IMAGEN_SERVE_NUM_CPUS", float),
+    "serve_http_port": ("IMAGEN_SERVE_HTTP_PORT", int),
+    "warmup_shapes": ("IMAGEN_WARMUP_SHAPES", _parse_shapes),
+    "consumers": ("IMAGEN_CONSUMERS", int),
+    "concurrency": ("IMAGEN_CONCURRENCY", int),
+    "poll_interval_s": ("IMAGEN_POLL_INTERVAL_S", float),
+    "lease_s": ("IMAGEN_LEASE_S", float),
+    "max_attempts": ("IMAGEN_MAX_ATTEMPTS", int),
+    "retry_base_delay_s": ("IMAGEN_RETRY_BASE_DELAY_S", float),
+    "retry_max_delay_s": ("IMAGEN_RETRY_MAX_DELAY_S", float),
+    "backend_timeout_s": ("IMAGEN_BACKEND_TIMEOUT_S", float),
+    "shutdown_grace_s": ("IMAGEN_SHUTDOWN_GRACE_S", float),
+    "listener_check_interval_s": ("IMAGEN_LISTENER_CHECK_INTERVAL_S", float),
+    "reconnect_max_delay_s": ("IMAGEN_RECONNECT_MAX_DELAY_S", float),
+    "progress_interval_s": ("IMAGEN_PROGRESS_INTERVAL_S", float),
+    "log_format": ("IMAGEN_LOG_FORMAT", str),
+    "log_level": ("IMAGEN_LOG_LEVEL", lambda raw: raw.upper()),
+}
