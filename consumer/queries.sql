@@ -8,24 +8,35 @@
 -- over can never overwrite the newer attempt.
 
 -- name: claim_jobs
--- Claim up to $2 due pending jobs for consumer $1 with a lease of $3 seconds, oldest job of each owner first.
+-- Claim up to $2 due pending jobs for consumer $1 with a lease of $3 seconds, taking turns between owners.
 WITH due AS (
-    SELECT id, created_at,
-           -- Rank within the owner, so one owner's burst cannot starve another owner's single job.
+    SELECT id, owner_user_id, created_at,
+           -- Position within the owner's own queue, which stays first-in first-out.
            row_number() OVER (PARTITION BY owner_user_id ORDER BY created_at, id) AS owner_rank
     FROM imagen.jobs
     WHERE status = 'pending'
       -- Retried jobs wait out their backoff.
       AND run_after <= now()
 ),
+owners AS (
+    -- When each waiting owner last had a job started. The owner served longest
+    -- ago goes first, so one owner's burst cannot starve another owner's single job.
+    SELECT waiting.owner_user_id,
+           CASE WHEN waiting.owner_user_id IS NULL
+                THEN (SELECT max(started_at) FROM imagen.jobs WHERE owner_user_id IS NULL)
+                ELSE (SELECT max(started_at) FROM imagen.jobs WHERE owner_user_id = waiting.owner_user_id)
+           END AS last_started_at
+    FROM (SELECT DISTINCT owner_user_id FROM due) AS waiting
+),
 picked AS (
     SELECT jobs.id
     FROM imagen.jobs
     JOIN due ON due.id = jobs.id
+    JOIN owners ON owners.owner_user_id IS NOT DISTINCT FROM due.owner_user_id
     -- Checked again on the locked row version: another consumer may have claimed
     -- the job, or its owner cancelled it, after `due` was read.
     WHERE jobs.status = 'pending'
-    ORDER BY due.owner_rank, due.created_at, due.id
+    ORDER BY due.owner_rank, owners.last_started_at NULLS FIRST, due.created_at, due.id
     LIMIT $2
     -- Rows another consumer is claiming right now are skipped, not waited for.
     FOR UPDATE OF jobs SKIP LOCKED

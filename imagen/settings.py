@@ -75,6 +75,8 @@ class Settings:
     listener_check_interval_s: float = 5.0
     reconnect_max_delay_s: float = 10.0
     progress_interval_s: float = 0.5
+    # Seconds each step of the `mock` backend takes; tests use it for long-running jobs.
+    mock_step_s: float = 0.0
 
     # Logging.
     log_format: str = "text"
@@ -86,7 +88,7 @@ class Settings:
         _check_positive(self, "poll_interval_s", "lease_s", "backend_timeout_s", "serve_num_cpus",
                         "listener_check_interval_s", "reconnect_max_delay_s", "retry_max_delay_s")
         _check_non_negative(self, "serve_batch_wait_timeout_s", "retry_base_delay_s",
-                            "shutdown_grace_s", "progress_interval_s")
+                            "shutdown_grace_s", "progress_interval_s", "mock_step_s")
         if self.owner_user_id is not None:
             try:
                 uuid.UUID(self.owner_user_id)
@@ -219,6 +221,7 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "listener_check_interval_s": ("IMAGEN_LISTENER_CHECK_INTERVAL_S", float),
     "reconnect_max_delay_s": ("IMAGEN_RECONNECT_MAX_DELAY_S", float),
     "progress_interval_s": ("IMAGEN_PROGRESS_INTERVAL_S", float),
+    "mock_step_s": ("IMAGEN_MOCK_STEP_S", float),
     "log_format": ("IMAGEN_LOG_FORMAT", str),
     "log_level": ("IMAGEN_LOG_LEVEL", lambda raw: raw.upper()),
 }

@@ -41,7 +41,7 @@ def build_backends(settings: Settings, get_serve_handle: Callable[[], Any] | Non
     `get_serve_handle` returns the FLUX deployment's handle; without it the
     local backend is left out. Replicate backends need REPLICATE_API_TOKEN.
     """
-    backends: dict[str, Backend] = {"mock": MockBackend()}
+    backends: dict[str, Backend] = {"mock": MockBackend(step_s=settings.mock_step_s)}
     if get_serve_handle is not None:
         spec = local_spec(settings.model)
         backends[spec.name] = ServeBackend(spec, get_serve_handle)

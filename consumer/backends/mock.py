@@ -2,11 +2,13 @@
 
 Used by tests and queue benchmarks, where the model would only add noise to
 what is measured. The colour follows the seed, so the same job renders the
-same bytes on every attempt.
+same bytes on every attempt. With `step_s` > 0 each step takes that long,
+which gives tests a job that is still running when they crash its consumer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from functools import lru_cache
@@ -21,15 +23,23 @@ MOCK_SPEC = BackendSpec(name="mock", kind="mock", model="mock-solid-colour", def
 
 
 class MockBackend:
-    """Return a PNG at once; report one progress step per requested step."""
+    """Return a PNG after `step_s` seconds per step, reporting progress after each step."""
 
     spec = MOCK_SPEC
+
+    def __init__(self, step_s: float = 0.0) -> None:
+        self.step_s = step_s
 
     async def generate(self, request: GenerationRequest, context: JobContext) -> BackendOutput:
         started = time.perf_counter()
         steps = request.steps or self.spec.default_steps
-        if context.report_progress is not None:
-            context.report_progress(steps, steps)
+        for step in range(1, steps + 1):
+            if self.step_s > 0:
+                await asyncio.sleep(self.step_s)
+            elif step < steps:
+                continue
+            if context.report_progress is not None:
+                context.report_progress(step, steps)
         png = solid_png(request.width, request.height, _colour(request.seed))
         result = GenerationResult(
             png=png, width=request.width, height=request.height, seed=request.seed, steps=steps,
