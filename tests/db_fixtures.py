@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,18 +32,29 @@ def _with_database(url: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory) -> str:
+def pg_server_url() -> str:
     """URL of the session's PostgreSQL server, pointing at its maintenance database."""
     external = os.environ.get("IMAGEN_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    data_dir = Path(tmp_path_factory.mktemp("pg", numbered=True))
-    prepare_data_dir(data_dir)
+    data_dir = server_data_dir("session")
     server = EmbeddedPostgres(data_dir)
     url = server.start()
     yield _with_database(url, "postgres")
     server.stop("immediate")
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def server_data_dir(label: str) -> Path:
+    """A data directory outside pytest's temporary root.
+
+    Every pytest session resets its temporary root to mode 0700, which would
+    lock the server's system user out of a data directory inside it.
+    """
+    data_dir = Path(tempfile.mkdtemp(prefix=f"imagen-test-pg-{label}-"))
+    prepare_data_dir(data_dir)
+    return data_dir
 
 
 @pytest.fixture(scope="session")
