@@ -16,7 +16,7 @@ def queries() -> dict[str, str]:
     parts = _NAME_LINE.split(text)
     # parts = [header, name1, body1, name2, body2, ...]
     named = {}
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
         named[name] = body.strip().rstrip(";")
     return named
 

@@ -22,11 +22,11 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 
-from consumer.backends import BackendOutput, BackendRegistry, JobContext
+from consumer.backends import BackendOutput, BackendRegistry, BackendSpec, JobContext
 from consumer.listener import Listener
 from consumer.observer import NULL_OBSERVER, Observer
 from consumer.repository import ClaimedJob, ImageRecord, JobRepository, create_pool, is_connection_error
@@ -59,6 +59,8 @@ class _InFlight:
     started: float = field(default_factory=time.monotonic)
     # Why the task was cancelled from outside: "cancelled", "lost" or "shutdown".
     abort_reason: str | None = None
+    # The hosted prediction this attempt started or resumed, if any.
+    prediction_id: str | None = None
 
 
 class Consumer:
@@ -90,6 +92,8 @@ class Consumer:
         self._tasks: list[asyncio.Task] = []
         self.ready = asyncio.Event()
         self.claimed_total = 0
+        self.styles = None
+        self.prices = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,6 +102,12 @@ class Consumer:
         log_extra = {"event": "consumer_starting", "consumer_id": self.id, "store": self.store.kind,
                      "backends": ",".join(self.backends.names())}
         logger.info("consumer starting", extra=log_extra)
+        from consumer.pricing import PriceTable
+        from consumer.styles import PromptStyles
+
+        # Read now so a broken styles or prices file stops the start, not every job.
+        self.styles = PromptStyles.from_env()
+        self.prices = PriceTable.from_env()
         await self.store.check_writable()
         self.pool = await create_pool(self._dsn, min_size=1, max_size=max(4, self.settings.concurrency + 2))
         self.repository = JobRepository(self.pool, self.id)
@@ -300,7 +310,7 @@ class Consumer:
             backend = self.backends.get(job.backend)
             request = self._prepare(job, backend.spec)
             output = await self._generate(job, backend, request)
-            _check_output(job, output)
+            output = _check_output(job, output, backend.spec)
             image_id = await self._finish(job, backend.spec.model, request, output, time.monotonic() - started)
         except JobError as exc:
             await self._record_failure(job, exc)
@@ -323,9 +333,7 @@ class Consumer:
         """Check the job against its backend and build the request, before any model work."""
         prompt = job.prompt
         if job.style:
-            from consumer.styles import apply_style
-
-            prompt = apply_style(job.style, job.prompt)
+            prompt = self.styles.apply(job.style, job.prompt)
         spec.check(prompt=prompt, width=job.width, height=job.height, steps=job.steps, guidance=job.guidance)
         trace_context = {"traceparent": job.traceparent} if job.traceparent else {}
         if job.tracestate:
@@ -354,6 +362,9 @@ class Consumer:
             ) from None
 
     async def _save_prediction_id(self, job: ClaimedJob, prediction_id: str) -> None:
+        entry = self._inflight.get(job.id)
+        if entry is not None:
+            entry.prediction_id = prediction_id
         saved = await self._retry_db(lambda: self.repository.save_prediction_id(job, prediction_id),
                                      "save_prediction_id")
         if saved is False:
@@ -368,7 +379,9 @@ class Consumer:
             height=result.height, seed=result.seed, steps=result.steps, guidance=result.guidance,
             storage_bucket=self.store.bucket, storage_key=object_key(job.prompt, job.seed, job.created_at.date()),
             byte_size=len(result.png), wall_s=wall_s, gpu_s=result.gpu_s, predict_time_s=output.predict_time_s,
-            estimated_cost_usd=_estimate_cost(job.backend, output, result.gpu_s), prediction_id=output.prediction_id,
+            estimated_cost_usd=self.prices.estimate_cost_usd(job.backend, predict_time_s=output.predict_time_s,
+                                                             gpu_s=result.gpu_s),
+            prediction_id=output.prediction_id,
         )
         for attempt in range(2):
             try:
@@ -458,6 +471,8 @@ class Consumer:
         if reason == "shutdown" or reason is None:
             # The shutdown path releases every unfinished job in one statement.
             return
+        if reason == "cancelled":
+            await self._cancel_prediction(job, entry.prediction_id or job.prediction_id)
         state = await self._state_or_none(job.id)
         if state is not None and state["status"] == "running" and state["lease_owner"] == self.id:
             # A cancel notification for a job that is still ours: someone sent a stray NOTIFY.
@@ -466,6 +481,24 @@ class Consumer:
                                                                                  "job_id": job.id})
             return
         await self._explain_not_held(job)
+
+    async def _cancel_prediction(self, job: ClaimedJob, prediction_id: str | None) -> None:
+        """Stop paying for a hosted prediction whose job was cancelled."""
+        if prediction_id is None:
+            return
+        try:
+            backend = self.backends.get(job.backend)
+        except JobError:
+            return
+        cancel = getattr(backend, "cancel", None)
+        if cancel is None:
+            return
+        try:
+            await cancel(prediction_id, job_id=job.id)
+        except Exception as exc:  # noqa: BLE001 - the job is cancelled either way
+            logger.warning("cancelling the hosted prediction failed: %s", exc,
+                           extra={"event": "prediction_cancel_failed", "job_id": job.id,
+                                  "prediction_id": prediction_id})
 
     async def _retry_db(self, operation, name: str):
         """Run a database operation, retrying connection errors for up to one lease period.
@@ -517,30 +550,43 @@ class _ProgressWriter:
                                                                   "job_id": self._job.id})
 
 
-def _check_output(job: ClaimedJob, output: BackendOutput) -> None:
-    """Reject results that are not the PNG the job asked for; nothing is stored then."""
+def _check_output(job: ClaimedJob, output: BackendOutput, spec: BackendSpec) -> BackendOutput:
+    """Return the output if it is the PNG the job asked for; raise InvalidImageError otherwise.
+
+    Hosted models that only take an aspect ratio return their own size; their
+    image is resized to the requested size, with a warning. A local model
+    that returns another size is a bug, and its image is rejected.
+    """
     result = output.result
     if not result.png.startswith(PNG_SIGNATURE):
         raise InvalidImageError(f"backend {job.backend} returned data that is not a PNG image")
-    if (result.width, result.height) != (job.width, job.height):
+    if (result.width, result.height) == (job.width, job.height):
+        return output
+    if spec.kind != "replicate":
         raise InvalidImageError(
             f"backend {job.backend} returned {result.width}x{result.height}, "
             f"but the job asked for {job.width}x{job.height}"
         )
+    logger.warning("resizing the hosted model's %dx%d image to the requested %dx%d", result.width, result.height,
+                   job.width, job.height, extra={"event": "image_resized", "job_id": job.id})
+    png = _resize_png(result.png, job.width, job.height)
+    return replace(output, result=replace(result, png=png, width=job.width, height=job.height))
+
+
+def _resize_png(data: bytes, width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _with_key(record: ImageRecord, key: str) -> ImageRecord:
-    from dataclasses import replace
-
     return replace(record, storage_key=key)
-
-
-def _estimate_cost(backend: str, output: BackendOutput, gpu_s: float | None) -> float | None:
-    try:
-        from consumer.pricing import estimate_cost_usd
-    except ImportError:
-        return None
-    return estimate_cost_usd(backend, predict_time_s=output.predict_time_s, gpu_s=gpu_s)
 
 
 def _db_errors() -> tuple[type[BaseException], ...]:

@@ -11,7 +11,6 @@ import signal
 import sys
 import uuid
 import warnings
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any

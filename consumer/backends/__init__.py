@@ -15,17 +15,25 @@ __all__ = ["Backend", "BackendOutput", "BackendRegistry", "BackendSpec", "JobCon
 
 
 class BackendRegistry:
-    """Backends by the name jobs use in their `backend` column."""
+    """Backends by the name jobs use in their `backend` column.
 
-    def __init__(self, backends: dict[str, Backend]) -> None:
+    `unavailable` maps backends this consumer knows but cannot run to the
+    reason, so a job naming one fails with the setting to change.
+    """
+
+    def __init__(self, backends: dict[str, Backend], unavailable: dict[str, str] | None = None) -> None:
         self._backends = dict(backends)
+        self.unavailable = dict(unavailable or {})
 
     def get(self, name: str) -> Backend:
         try:
             return self._backends[name]
         except KeyError:
-            known = ", ".join(sorted(self._backends))
-            raise InvalidJobError(f"backend {name!r} is unknown: use one of {known}") from None
+            pass
+        if name in self.unavailable:
+            raise InvalidJobError(f"backend {name!r} is not available on this consumer: {self.unavailable[name]}")
+        known = ", ".join(sorted(self._backends))
+        raise InvalidJobError(f"backend {name!r} is unknown: use one of {known}")
 
     def names(self) -> list[str]:
         return sorted(self._backends)
@@ -41,12 +49,19 @@ def build_backends(settings: Settings, get_serve_handle: Callable[[], Any] | Non
     `get_serve_handle` returns the FLUX deployment's handle; without it the
     local backend is left out. Replicate backends need REPLICATE_API_TOKEN.
     """
-    backends: dict[str, Backend] = {"mock": MockBackend(step_s=settings.mock_step_s)}
-    if get_serve_handle is not None:
-        spec = local_spec(settings.model)
-        backends[spec.name] = ServeBackend(spec, get_serve_handle)
-    if settings.replicate_api_token:
-        from consumer.backends.replicate import build_replicate_backends
+    from consumer.backends.replicate import REPLICATE_MODELS, build_replicate_backends
 
+    backends: dict[str, Backend] = {"mock": MockBackend(step_s=settings.mock_step_s)}
+    unavailable: dict[str, str] = {}
+    spec = local_spec(settings.model)
+    if get_serve_handle is not None:
+        backends[spec.name] = ServeBackend(spec, get_serve_handle)
+    else:
+        unavailable[spec.name] = ("this consumer runs without the FLUX deployment; start it with `imagen up`, "
+                                  "or `imagen consume` without --no-serve")
+    if settings.replicate_api_token:
         backends.update(build_replicate_backends(settings))
-    return BackendRegistry(backends)
+    else:
+        for name in REPLICATE_MODELS:
+            unavailable[name] = "set REPLICATE_API_TOKEN to use Replicate backends"
+    return BackendRegistry(backends, unavailable)

@@ -8,9 +8,9 @@ one entry there. A job runs as one prediction:
 3. poll until it reaches a final status, with an overall timeout,
 4. fetch the image, convert it to PNG if needed, and return it.
 
-The create request does not use `Prefer: wait`: a connection dropped while the
-server holds it would lose the prediction id, and a retry would pay for a
-second prediction.
+The create request does not use `Prefer: wait`, because a connection dropped
+while the server keeps the request open would lose the prediction id, and a
+retry would pay for a second prediction.
 """
 
 from __future__ import annotations
@@ -112,11 +112,15 @@ class ReplicateModelSpec(BackendSpec):
         return model_input
 
 
-# Input names, limits and defaults come from each model's API schema on
-# replicate.com (flux-schnell version c846a699, flux-dev and flux-pro pages as
-# of 2025). flux-schnell and flux-dev return a list of image URLs; flux-pro
-# returns one URL. `go_fast` is turned off because with it on the same seed
-# does not give the same image.
+# Input names, limits and defaults: flux-schnell from the API page of version
+# c846a699 on replicate.com; flux-dev from its schema as listed on
+# cinemasetfree.com (guidance 0-10, default 3); flux-pro steps and guidance from
+# the API page of version 9d0768f6. flux-schnell and flux-dev return a list of
+# image URLs, and flux-pro returns one URL. `go_fast` is off because with it on
+# the same seed does not reproduce the image.
+# NOTE: flux-pro's `aspect_ratio="custom"` with `width`/`height` (256-1440,
+# multiples of 32) comes from a published example request and the
+# flux-pro-finetuned schema, not from a flux-pro schema page.
 REPLICATE_MODELS: Mapping[str, ReplicateModelSpec] = {
     "flux-schnell-replicate": ReplicateModelSpec(
         name="flux-schnell-replicate",
@@ -210,9 +214,9 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, moment.timestamp() - time.time())
 
 
-# What the replicate client raises: API errors, the 429 from the response hook,
-# network errors, and ValueError (a pydantic ValidationError) when a response
-# does not fit its Prediction model, e.g. an unknown status.
+# Exceptions of a replicate client call: API errors, the 429 from the response
+# hook, network errors, and ValueError (a pydantic ValidationError) when a
+# response does not fit the Prediction model, e.g. an unknown status.
 _CLIENT_ERRORS = (ReplicateError, _RateLimitedError, httpx.TransportError, ValueError)
 
 
@@ -387,7 +391,7 @@ class ReplicateBackend:
         except Exception as exc:
             # The prediction runs and is paid for either way, so this attempt goes on;
             # only a retry after this one would start a second prediction.
-            logger.error(
+            logger.warning(
                 "could not store the prediction id on the job",
                 extra={"event": "replicate_prediction_id_not_saved", "job_id": context.job_id,
                        "prediction_id": prediction_id, "error": repr(exc)},
@@ -428,16 +432,16 @@ class ReplicateBackend:
         if prediction.status == "failed":
             # NOTE: every failed prediction fails the job, including Replicate's own
             # interruptions ("please retry"); a retry would only resume the same failed id.
-            logger.error("Replicate prediction failed", extra={"event": "replicate_prediction_failed",
+            logger.warning("Replicate prediction failed", extra={"event": "replicate_prediction_failed",
                                                                "error": prediction.error, **log_ids})
             raise BackendError(
                 f"prediction {prediction.id} on {self.spec.model} failed: {prediction.error or 'no error message'}",
                 transient=False,
             )
         if prediction.status == "canceled":
-            logger.error("Replicate prediction was canceled", extra={"event": "replicate_prediction_canceled", **log_ids})
+            logger.warning("Replicate prediction was canceled", extra={"event": "replicate_prediction_canceled", **log_ids})
             raise BackendError(f"prediction {prediction.id} on {self.spec.model} was canceled", transient=False)
-        logger.error("Replicate prediction has an unknown status",
+        logger.warning("Replicate prediction has an unknown status",
                      extra={"event": "replicate_prediction_status_unknown", "status": prediction.status, **log_ids})
         raise BackendError(
             f"prediction {prediction.id} on {self.spec.model} has unknown status {prediction.status!r}",
@@ -488,7 +492,7 @@ class ReplicateBackend:
                        "prediction_id": prediction_id, "error_type": type(exc).__name__},
             )
             raise BackendUnavailableError(
-                f"download of prediction {prediction_id} output failed ({type(exc).__name__}); a retry resumes it"
+                f"download of prediction {prediction_id} output failed ({type(exc).__name__}), and a retry resumes it"
             ) from None
         return b"".join(chunks)
 
@@ -502,8 +506,8 @@ class ReplicateBackend:
         where = f"{where} on {self.spec.model}"
         error: BackendError
         if isinstance(exc, _RateLimitedError):
-            shown = f"; retry after {exc.retry_after_s:g} s" if exc.retry_after_s is not None else ""
-            error = BackendUnavailableError(f"{where} was rate limited by Replicate (HTTP 429){shown}",
+            retry_hint = f", retry after {exc.retry_after_s:g} s" if exc.retry_after_s is not None else ""
+            error = BackendUnavailableError(f"{where} was rate limited by Replicate (HTTP 429){retry_hint}",
                                             retry_after_s=exc.retry_after_s)
         elif isinstance(exc, httpx.TransportError):
             error = BackendUnavailableError(f"{where} failed: could not reach the Replicate API ({type(exc).__name__})")
@@ -513,7 +517,7 @@ class ReplicateBackend:
             error = BackendError(f"{where} failed: Replicate sent a response this client cannot read ({exc})",
                                  transient=False)
 
-        log = logger.warning if error.transient else logger.error
+        log = logger.warning  # the consumer logs the job's terminal failure once, at ERROR
         log("Replicate request failed", extra={
             "event": "replicate_request_failed", "job_id": context.job_id, "prediction_id": prediction_id,
             "action": action, "transient": error.transient, "error": str(error),
@@ -525,7 +529,7 @@ class ReplicateBackend:
         detail = (exc.detail or exc.title or "").strip()
         if status in (401, 403):
             return BackendError(
-                f"{where} failed: Replicate rejected REPLICATE_API_TOKEN (HTTP {status}); set a valid API token",
+                f"{where} failed: Replicate rejected REPLICATE_API_TOKEN (HTTP {status}), so set a valid API token",
                 transient=False,
             )
         if status == 404:
@@ -571,7 +575,7 @@ def first_output(output: Any) -> str | None:
     """Return the first image of a prediction output as a URL or data URI.
 
     Accepts a URL or data URI string, a `FileOutput`, a list or tuple of those,
-    and a mapping whose values hold them (the first image found wins).
+    and a mapping whose values contain them (the first image found wins).
     """
     if isinstance(output, FileOutput):
         return output.url
