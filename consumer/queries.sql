@@ -118,8 +118,8 @@ image AS (
 ),
 usage AS (
     INSERT INTO imagen.usage (job_id, owner_user_id, backend, model, wall_s, gpu_s, predict_time_s,
-                              estimated_cost_usd, prediction_id)
-    SELECT image.job_id, image.owner_user_id, $6, $7, $17, $18, $19, $20, $21
+                              estimated_cost_usd, prediction_id, batch_size)
+    SELECT image.job_id, image.owner_user_id, $6, $7, $17, $18, $19, $20, $21, $22
     FROM image
 )
 UPDATE imagen.jobs AS j

@@ -88,6 +88,7 @@ class ImageRecord:
     predict_time_s: float | None
     estimated_cost_usd: float | None
     prediction_id: str | None
+    batch_size: int | None = None
     content_type: str = "image/png"
 
 
@@ -149,7 +150,7 @@ class JobRepository:
                     record.prompt, record.backend, record.model, record.width, record.height, record.seed,
                     record.steps, record.guidance, record.storage_bucket, record.storage_key,
                     record.content_type, record.byte_size, record.wall_s, record.gpu_s, record.predict_time_s,
-                    record.estimated_cost_usd, record.prediction_id,
+                    record.estimated_cost_usd, record.prediction_id, record.batch_size,
                 )
                 yield None if image_id is None else str(image_id)
         except CONNECTION_ERRORS as exc:

@@ -382,6 +382,7 @@ class Consumer:
             estimated_cost_usd=self.prices.estimate_cost_usd(job.backend, predict_time_s=output.predict_time_s,
                                                              gpu_s=result.gpu_s),
             prediction_id=output.prediction_id,
+            batch_size=result.batch_size,
         )
         for attempt in range(2):
             try:

@@ -115,6 +115,8 @@ CREATE TABLE IF NOT EXISTS imagen.usage (
     model               text NOT NULL,
     wall_s              double precision NOT NULL,
     gpu_s               double precision,
+    -- How many requests shared the pipeline call that made this image.
+    batch_size          integer,
     predict_time_s      double precision,
     estimated_cost_usd  numeric(12, 6),
     prediction_id       text,
