@@ -28,7 +28,9 @@ def redact(text: str) -> str:
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     """Return the `extra` fields of a record (event, ids, counts)."""
-    return {key: value for key, value in vars(record).items() if key not in _RECORD_FIELDS}
+    # Ray stamps records of its workers with private `_ray_*` attributes.
+    return {key: value for key, value in vars(record).items()
+            if key not in _RECORD_FIELDS and not key.startswith("_")}
 
 
 class KeyValueFormatter(logging.Formatter):
