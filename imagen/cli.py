@@ -272,6 +272,9 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         _install_signal_handlers(stop)
         with progress(True) as say:
             await service.start(migrate=args.migrate, progress=say)
+        # ray.init installs a crash handler for SIGTERM that aborts the process
+        # after our shutdown; installing ours again keeps the shutdown graceful.
+        _install_signal_handlers(stop)
         print("imagen is running; send SIGTERM or press Ctrl+C to stop", file=sys.stderr)
         health = asyncio.create_task(service.watch_health(stop))
         await stop.wait()
