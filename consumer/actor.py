@@ -23,8 +23,10 @@ class ConsumerActor:
 
     def __init__(self, settings: Settings, dsn: str, log_format: str = "text") -> None:
         from imagen.logs import configure_logging
+        from imagen.telemetry import configure_tracing
 
         configure_logging(settings.log_level, log_format)
+        configure_tracing("imagen-consumer")
         self._settings = settings
         self._dsn = dsn
         self._consumer = None
@@ -33,13 +35,14 @@ class ConsumerActor:
     async def start(self) -> dict[str, Any]:
         """Build the consumer against the deployment's handle and start claiming; returns its status."""
         from consumer.backends import build_backends
+        from consumer.metrics import build_observer
         from consumer.storage import build_store
         from consumer.worker import Consumer
         from imagen.cluster import get_handle
 
         backends = build_backends(self._settings, get_serve_handle=get_handle)
         store = build_store(self._settings)
-        self._consumer = Consumer(self._settings, self._dsn, backends, store, observer=_build_observer())
+        self._consumer = Consumer(self._settings, self._dsn, backends, store, observer=build_observer())
         await self._consumer.start()
         return self.status()
 
@@ -58,15 +61,9 @@ class ConsumerActor:
         }
 
     async def stop(self, grace_s: float | None = None) -> None:
+        """Stop the consumer gracefully, then flush its spans."""
+        from imagen.telemetry import shutdown_tracing
+
         if self._consumer is not None:
             await self._consumer.stop(grace_s)
-
-
-def _build_observer():
-    try:
-        from consumer.telemetry import build_observer
-    except ImportError:
-        from consumer.observer import NULL_OBSERVER
-
-        return NULL_OBSERVER
-    return build_observer()
+        await asyncio.to_thread(shutdown_tracing)

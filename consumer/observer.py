@@ -12,10 +12,16 @@ class Observer:
         """A job was claimed by this consumer."""
 
     def job_finished(self, job: Any, outcome: str, duration_s: float) -> None:
-        """A job ended this attempt: outcome is done, failed, retried or cancelled."""
+        """A job ended this attempt: outcome is done, failed, retried, cancelled or discarded."""
 
-    def job_rescued(self, job_id: str, failed: bool) -> None:
+    def job_rescued(self, job_id: str, backend: str, failed: bool) -> None:
         """An expired lease was returned to the queue, or failed after its last attempt."""
+
+    def job_generated(self, job: Any, gpu_s: float) -> None:
+        """A job's image was generated, taking `gpu_s` seconds of model time."""
+
+    def queue_depth(self, pending: int, oldest_age_s: float) -> None:
+        """The queue holds `pending` jobs, the oldest waiting `oldest_age_s` seconds."""
 
 
 NULL_OBSERVER = Observer()

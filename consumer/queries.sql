@@ -98,7 +98,7 @@ SET status = CASE WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'pending' 
     progress_total = NULL
 FROM expired
 WHERE j.id = expired.id
-RETURNING j.id, j.status, j.attempt, j.max_attempts;
+RETURNING j.id, j.backend, j.status, j.attempt, j.max_attempts;
 
 -- name: complete_job
 -- Record the image, the usage row and status 'done' for job $1 if consumer $2 still holds attempt $3; returns the image id.

@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from consumer.backends import BackendOutput, BackendRegistry, BackendSpec, JobContext
 from consumer.listener import Listener
@@ -40,11 +42,17 @@ from imagen.errors import (
     LeaseLostError,
 )
 from imagen.settings import Settings
+from imagen.telemetry import extract_context, inject_context
 from serve_app.requests import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# The queue as OpenTelemetry's messaging conventions name a destination.
+JOBS_DESTINATION = "imagen.jobs"
+
+_tracer = trace.get_tracer("imagen.consumer")
 
 
 def new_consumer_id() -> str:
@@ -213,20 +221,22 @@ class Consumer:
             free = self.settings.concurrency - len(self._inflight)
             if free <= 0:
                 return
+            claim_started_ns = time.time_ns()
             try:
                 jobs = await self.repository.claim(free, self.settings.lease_s)
             except DatabaseError as exc:
                 logger.warning("claim failed, the poll retries: %s", exc,
                                extra={"event": "claim_failed", "consumer_id": self.id})
                 return
+            claim_window = (claim_started_ns, time.time_ns())
             for job in jobs:
-                self._start_job(job)
+                self._start_job(job, claim_window)
             if len(jobs) < free:
                 return
 
-    def _start_job(self, job: ClaimedJob) -> None:
+    def _start_job(self, job: ClaimedJob, claim_window: tuple[int, int]) -> None:
         self.claimed_total += 1
-        task = asyncio.create_task(self._run_job_guarded(job), name=f"imagen-job-{job.id}")
+        task = asyncio.create_task(self._run_job_guarded(job, claim_window), name=f"imagen-job-{job.id}")
         self._inflight[job.id] = _InFlight(job=job, task=task)
         self.observer.job_claimed(job)
         logger.info("job claimed", extra={"event": "job_claimed", "job_id": job.id, "consumer_id": self.id,
@@ -242,6 +252,7 @@ class Consumer:
                 return
             await self._renew_leases()
             await self._rescue_expired()
+            await self._report_queue_depth()
 
     async def _renew_leases(self) -> None:
         entries = [entry for entry in self._inflight.values() if not entry.task.done()]
@@ -273,9 +284,16 @@ class Consumer:
             log("job's consumer was lost; %s", "failed after max attempts" if final else "returned to the queue",
                 extra={"event": "job_failed" if final else "job_rescued", "job_id": job_id,
                        "attempt": row["attempt"], "max_attempts": row["max_attempts"], "consumer_id": self.id})
-            self.observer.job_rescued(job_id, final)
+            self.observer.job_rescued(job_id, row["backend"], final)
         if rows:
             self._wake.set()
+
+    async def _report_queue_depth(self) -> None:
+        try:
+            row = await self.repository.queue_depth()
+        except DatabaseError:
+            return
+        self.observer.queue_depth(row["pending"], row["oldest_age_s"])
 
     def _on_cancel_notification(self, job_id: str) -> None:
         entry = self._inflight.get(job_id)
@@ -289,10 +307,10 @@ class Consumer:
 
     # ------------------------------------------------------------------ one job
 
-    async def _run_job_guarded(self, job: ClaimedJob) -> None:
+    async def _run_job_guarded(self, job: ClaimedJob, claim_window: tuple[int, int]) -> None:
         """Run one job; whatever happens, the job ends recorded and its slot is freed."""
         try:
-            await self._run_job(job)
+            await self._run_job(job, claim_window)
         except asyncio.CancelledError:
             await self._after_abort(job)
         except Exception:  # noqa: BLE001 - the consumer must outlive any bug in one job
@@ -304,30 +322,78 @@ class Consumer:
             if not self._stopping.is_set():
                 self._wake.set()
 
-    async def _run_job(self, job: ClaimedJob) -> None:
+    async def _run_job(self, job: ClaimedJob, claim_window: tuple[int, int]) -> None:
+        """Run one attempt of a job inside its trace: one span per stage under the job's span."""
         started = time.monotonic()
+        attributes = self._span_attributes(job)
+        job_span = _tracer.start_span(
+            f"process {JOBS_DESTINATION}", context=extract_context(job.traceparent, job.tracestate),
+            kind=SpanKind.CONSUMER, start_time=claim_window[0], attributes=attributes,
+        )
+        outcome = "failed"
         try:
-            backend = self.backends.get(job.backend)
-            request = self._prepare(job, backend.spec)
-            output = await self._generate(job, backend, request)
-            output = _check_output(job, output, backend.spec)
-            image_id = await self._finish(job, backend.spec.model, request, output, time.monotonic() - started)
+            with trace.use_span(job_span, end_on_exit=False):
+                claim_span = _tracer.start_span("claim", start_time=claim_window[0], attributes={
+                    **attributes, "imagen.queued_s": job.queued_s})
+                claim_span.end(end_time=claim_window[1])
+                outcome = await self._run_stages(job, attributes, started)
+        except asyncio.CancelledError:
+            outcome = "aborted"
+            raise
+        finally:
+            job_span.set_attribute("imagen.outcome", outcome)
+            if outcome in ("failed", "retried"):
+                job_span.set_status(Status(StatusCode.ERROR))
+            job_span.end()
+
+    async def _run_stages(self, job: ClaimedJob, attributes: dict, started: float) -> str:
+        """Prepare, generate and record one attempt; returns its outcome for the trace and metrics."""
+        try:
+            with _tracer.start_as_current_span("prepare", attributes=attributes):
+                backend = self.backends.get(job.backend)
+                request = self._prepare(job, backend.spec)
+            with _tracer.start_as_current_span("generate", attributes=attributes):
+                output = await self._generate(job, backend, request)
+                output = _check_output(job, output, backend.spec)
+            image_id = await self._finish(job, backend.spec.model, request, output, time.monotonic() - started,
+                                          attributes)
         except JobError as exc:
-            await self._record_failure(job, exc)
-            self.observer.job_finished(job, "failed" if not exc.transient else "retried", time.monotonic() - started)
-            return
+            trace.get_current_span().record_exception(exc)
+            outcome = await self._record_failure(job, exc)
+            self.observer.job_finished(job, outcome, time.monotonic() - started)
+            return outcome
         except Exception as exc:  # noqa: BLE001 - an unexpected error still fails the job with its text
             logger.exception("job raised an unexpected error", extra={"event": "job_unexpected_error",
                                                                       "job_id": job.id})
-            await self._record_failure(job, JobError(f"internal error: {type(exc).__name__}: {exc}"))
-            self.observer.job_finished(job, "failed", time.monotonic() - started)
-            return
+            trace.get_current_span().record_exception(exc)
+            outcome = await self._record_failure(job, JobError(f"internal error: {type(exc).__name__}: {exc}"))
+            self.observer.job_finished(job, outcome, time.monotonic() - started)
+            return outcome
 
         if image_id is None:
-            return
+            return "discarded"
+        self.observer.job_generated(job, output.result.gpu_s)
         self.observer.job_finished(job, "done", time.monotonic() - started)
         logger.info("job done", extra={"event": "job_done", "job_id": job.id, "image_id": image_id,
                                        "attempt": job.attempt, "wall_s": round(time.monotonic() - started, 4)})
+        return "done"
+
+    def _span_attributes(self, job: ClaimedJob) -> dict:
+        """Attributes every span of a job carries; messaging.* follow OpenTelemetry's conventions."""
+        return {
+            "messaging.system": "postgresql",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": JOBS_DESTINATION,
+            "messaging.message.id": job.id,
+            "messaging.client.id": self.id,
+            "imagen.job.id": job.id,
+            "imagen.owner.id": job.owner_user_id or self.settings.owner_user_id or "",
+            "imagen.backend": job.backend,
+            "imagen.width": job.width,
+            "imagen.height": job.height,
+            "imagen.seed": job.seed,
+            "imagen.attempt": job.attempt,
+        }
 
     def _prepare(self, job: ClaimedJob, spec) -> GenerationRequest:
         """Check the job against its backend and build the request, before any model work."""
@@ -335,15 +401,21 @@ class Consumer:
         if job.style:
             prompt = self.styles.apply(job.style, job.prompt)
         spec.check(prompt=prompt, width=job.width, height=job.height, steps=job.steps, guidance=job.guidance)
-        trace_context = {"traceparent": job.traceparent} if job.traceparent else {}
-        if job.tracestate:
-            trace_context["tracestate"] = job.tracestate
         return GenerationRequest(prompt=prompt, width=job.width, height=job.height, seed=job.seed,
                                  steps=job.steps or spec.default_steps,
                                  guidance=job.guidance if spec.supports_guidance else None,
-                                 job_id=job.id, trace_context=trace_context)
+                                 job_id=job.id)
 
     async def _generate(self, job: ClaimedJob, backend, request: GenerationRequest) -> BackendOutput:
+        # The replica's spans join this trace through the W3C headers of the
+        # current span; without a tracer provider, the producer's headers are
+        # passed on as they came.
+        trace_context = inject_context()
+        if not trace_context and job.traceparent:
+            trace_context = {"traceparent": job.traceparent}
+            if job.tracestate:
+                trace_context["tracestate"] = job.tracestate
+        request = replace(request, trace_context=trace_context)
         context = JobContext(
             job_id=job.id,
             attempt=job.attempt,
@@ -351,7 +423,7 @@ class Consumer:
             prediction_id=job.prediction_id,
             save_prediction_id=lambda prediction_id: self._save_prediction_id(job, prediction_id),
             report_progress=_ProgressWriter(self, job).report,
-            trace_context=dict(request.trace_context),
+            trace_context=dict(trace_context),
         )
         try:
             return await asyncio.wait_for(backend.generate(request, context), timeout=self.settings.backend_timeout_s)
@@ -371,7 +443,7 @@ class Consumer:
             raise LeaseLostError(f"job {job.id} is no longer held by this consumer")
 
     async def _finish(self, job: ClaimedJob, model: str, request: GenerationRequest, output: BackendOutput,
-                      wall_s: float) -> str | None:
+                      wall_s: float, attributes: dict) -> str | None:
         """Store the image and record the job done; returns the image id, or None when the job was lost."""
         result = output.result
         record = ImageRecord(
@@ -386,7 +458,8 @@ class Consumer:
         )
         for attempt in range(2):
             try:
-                return await self._complete_with_retries(job, record, result.png)
+                with _tracer.start_as_current_span("record", attributes=attributes):
+                    return await self._complete_with_retries(job, record, result.png, attributes)
             except asyncpg.UniqueViolationError as exc:
                 if attempt or exc.constraint_name != "images_object_is_unique":
                     raise
@@ -395,14 +468,18 @@ class Consumer:
                                                       suffix=job.id.replace("-", "")[:8]))
         return None
 
-    async def _complete_with_retries(self, job: ClaimedJob, record: ImageRecord, png: bytes) -> str | None:
+    async def _complete_with_retries(self, job: ClaimedJob, record: ImageRecord, png: bytes,
+                                     attributes: dict) -> str | None:
         deadline = time.monotonic() + self.settings.lease_s
         delay_s = 0.1
         while True:
             try:
                 async with self.repository.completing(job, record, self.settings.owner_user_id) as image_id:
                     if image_id is not None:
-                        await self.store.put(record.storage_key, png, record.content_type)
+                        with _tracer.start_as_current_span("upload", attributes={
+                                **attributes, "imagen.storage.key": record.storage_key,
+                                "imagen.storage.bytes": len(png)}):
+                            await self.store.put(record.storage_key, png, record.content_type)
                 if image_id is None:
                     return await self._explain_not_held(job)
                 return image_id
@@ -438,10 +515,11 @@ class Consumer:
         except DatabaseError:
             return None
 
-    async def _record_failure(self, job: ClaimedJob, exc: JobError) -> None:
+    async def _record_failure(self, job: ClaimedJob, exc: JobError) -> str:
+        """Send the job back to the queue or fail it; returns "retried", "failed" or "discarded"."""
         if isinstance(exc, (LeaseLostError, JobCancelledError)):
             await self._explain_not_held(job)
-            return
+            return "discarded"
         retry = exc.transient and job.attempt < job.max_attempts
         if retry:
             delay_s = self._backoff_s(job.attempt, exc)
@@ -457,6 +535,8 @@ class Consumer:
                                               "error": str(exc)})
         if recorded is False:
             await self._explain_not_held(job)
+            return "discarded"
+        return "retried" if retry else "failed"
 
     def _backoff_s(self, attempt: int, exc: JobError) -> float:
         hint = getattr(exc, "retry_after_s", None)

@@ -288,11 +288,14 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
     """Run one consumer in this process (scale-out on any host, and crash tests)."""
     from consumer.backends import build_backends
+    from consumer.metrics import build_observer
     from consumer.storage import build_store
     from consumer.worker import Consumer
     from imagen.service import resolve_database_url
+    from imagen.telemetry import configure_tracing, shutdown_tracing
 
     async def consume() -> int:
+        configure_tracing("imagen-consumer")
         dsn, _embedded = await asyncio.to_thread(resolve_database_url, settings)
         get_handle = None
         if args.serve:
@@ -301,12 +304,13 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
             await asyncio.to_thread(cluster.start_ray, settings)
             get_handle = cluster.get_handle
         consumer = Consumer(settings, dsn, build_backends(settings, get_serve_handle=get_handle),
-                            build_store(settings))
+                            build_store(settings), observer=build_observer())
         stop = asyncio.Event()
         _install_signal_handlers(stop)
         await consumer.start()
         await stop.wait()
         await consumer.stop()
+        await asyncio.to_thread(shutdown_tracing)
         return 0
 
     return asyncio.run(consume())

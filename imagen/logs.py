@@ -90,8 +90,11 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send imagen's records to stderr in the chosen format, replacing earlier handlers."""
     global _current_format
     _current_format = fmt
+    from imagen.telemetry import TraceIdFilter
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(TraceIdFilter())
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_imagen_handler", False):
