@@ -56,7 +56,7 @@ _tracer = trace.get_tracer("imagen.consumer")
 
 
 def new_consumer_id() -> str:
-    """An id unique to this process start, so a restarted consumer never inherits old leases."""
+    """Return an id unique to this process start, so a restarted consumer never inherits old leases."""
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
@@ -408,8 +408,8 @@ class Consumer:
 
     async def _generate(self, job: ClaimedJob, backend, request: GenerationRequest) -> BackendOutput:
         # The replica's spans join this trace through the W3C headers of the
-        # current span; without a tracer provider, the producer's headers are
-        # passed on as they came.
+        # current span. Without a tracer provider there is no current span, so
+        # the producer's headers are passed on unchanged.
         trace_context = inject_context()
         if not trace_context and job.traceparent:
             trace_context = {"traceparent": job.traceparent}
@@ -429,8 +429,8 @@ class Consumer:
             return await asyncio.wait_for(backend.generate(request, context), timeout=self.settings.backend_timeout_s)
         except asyncio.TimeoutError:
             raise BackendTimeoutError(
-                f"backend {backend.spec.name} did not answer within {self.settings.backend_timeout_s:g} s "
-                "(IMAGEN_BACKEND_TIMEOUT_S)"
+                f"backend {backend.spec.name} timed out after {self.settings.backend_timeout_s:g} s; "
+                "raise IMAGEN_BACKEND_TIMEOUT_S if jobs of this size need longer"
             ) from None
 
     async def _save_prediction_id(self, job: ClaimedJob, prediction_id: str) -> None:
@@ -484,7 +484,7 @@ class Consumer:
                     return await self._explain_not_held(job)
                 return image_id
             except DatabaseError as exc:
-                # The commit may have landed before the connection died; the row tells.
+                # The commit may have landed before the connection died, so read the row back.
                 state = await self._state_or_none(job.id)
                 if state is not None and state["status"] == "done" and state["lease_owner"] == self.id \
                         and state["attempt"] == job.attempt:

@@ -153,7 +153,7 @@ async def test_backend_timeout_is_retried(start_consumer, db):
     row = await wait_for_status(db, job_id)
     assert row["status"] == "done"
     assert row["attempt"] == 2
-    assert "did not answer within 0.3 s" in row["error"]
+    assert "timed out after 0.3 s" in row["error"]
 
 
 async def test_claim_is_exclusive_across_consumers(start_consumer, db):
