@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from imagen.embedded_db import EmbeddedPostgres, prepare_data_dir  # noqa: E402
 from imagen.migrate import migrate  # noqa: E402
 
-CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                     asyncio.TimeoutError)
 
 
 @dataclass
@@ -137,6 +138,8 @@ async def produce(dsn: str, config: SoakConfig, inserted: list[str]) -> None:
         except CONNECTION_ERRORS:
             # NOTE: an INSERT whose commit landed but whose reply was lost is
             # not in `inserted`; the report counts it as an extra job, not a loss.
+            if connection is not None:
+                connection.terminate()
             connection = None
             await asyncio.sleep(0.05)
             continue
@@ -155,7 +158,7 @@ async def chaos(server: EmbeddedPostgres, dsn: str, pool: ConsumerPool, config: 
             return
         except asyncio.TimeoutError:
             pass
-        fault = rng.choices(["kill", "terminate", "restart"], weights=[5, 3, 1])[0]
+        fault = rng.choices(["kill", "terminate", "restart"], weights=[4, 3, 2])[0]
         if fault == "kill":
             await asyncio.to_thread(pool.kill_one, rng)
             log.kills += 1
@@ -195,7 +198,7 @@ async def wait_drained(dsn: str, timeout_s: float) -> float:
     return float("nan")
 
 
-async def report(dsn: str, inserted: list[str], images_dir: Path) -> dict[str, int]:
+async def report(dsn: str, inserted: list[str], images_dir: Path) -> dict[str, object]:
     connection = await asyncpg.connect(dsn)
     try:
         rows = await connection.fetch(
@@ -218,6 +221,7 @@ async def report(dsn: str, inserted: list[str], images_dir: Path) -> dict[str, i
         "lost": len(missing) + len(done_without_image),
         "duplicated": sum(1 for row in rows if row["images"] > 1) + len(files - referenced),
         "stuck": sum(1 for row in rows if row["status"] in ("pending", "running")),
+        "failure_errors": sorted({row["error"] for row in rows if row["status"] == "failed"}),
     }
 
 

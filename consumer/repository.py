@@ -30,6 +30,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # Raised when a connection was left mid-operation by a cancelled call.
+    asyncpg.InternalClientError,
     OSError,
     asyncio.TimeoutError,
 )

@@ -113,7 +113,8 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
         owner = args.owner or settings.owner_user_id
         job_id = await connection.fetchval(
             query("insert_job"), uuid.UUID(owner) if owner else None, args.prompt, args.style, args.backend,
-            args.width, args.height, args.steps, args.guidance, args.seed, args.max_attempts, None,
+            args.width, args.height, args.steps, args.guidance, args.seed, args.max_attempts or settings.max_attempts,
+            None,
         )
         print(job_id)
         if not args.wait:

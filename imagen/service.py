@@ -62,21 +62,41 @@ class Service:
             self.deployment = await asyncio.to_thread(cluster.deploy, self.settings)
 
         say("starting consumers")
-        from consumer.actor import ConsumerActor
-        from imagen.logs import current_format
-
-        self.consumers = [
-            ConsumerActor.options(name=f"imagen-consumer-{index}", namespace=cluster.NAMESPACE,
-                                  lifetime=None).remote(self.settings, self.dsn, current_format())
-            for index in range(self.settings.consumers)
-        ]
+        self.consumers = [self._new_consumer(index) for index in range(self.settings.consumers)]
         statuses = await asyncio.gather(*(actor.start.remote() for actor in self.consumers))
         for status in statuses:
             logger.info("consumer ready", extra={"event": "consumer_ready", **status})
         self.write_health(statuses)
 
+    def _new_consumer(self, index: int):
+        from consumer.actor import ConsumerActor
+        from imagen import cluster
+        from imagen.logs import current_format
+        from imagen.telemetry import otel_env_vars
+
+        return ConsumerActor.options(
+            name=f"imagen-consumer-{index}", namespace=cluster.NAMESPACE,
+            runtime_env={"env_vars": otel_env_vars()},
+        ).remote(self.settings, self.dsn, current_format())
+
     async def consumer_statuses(self) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(actor.status.remote() for actor in self.consumers)))
+        """Ask every consumer for its status; a consumer that died is replaced and reported not ready."""
+        results = await asyncio.gather(*(actor.status.remote() for actor in self.consumers), return_exceptions=True)
+        statuses = []
+        for index, result in enumerate(results):
+            if isinstance(result, Exception):
+                logger.warning("consumer %d died, starting a replacement: %s", index, result,
+                               extra={"event": "consumer_replaced", "consumer_index": index})
+                # Its leases expire and any consumer rescues its jobs; the replacement starts claiming at once.
+                self.consumers[index] = self._new_consumer(index)
+                try:
+                    result = await self.consumers[index].start.remote()
+                except Exception as exc:  # noqa: BLE001 - retried at the next health check
+                    logger.warning("replacement consumer failed to start: %s", exc,
+                                   extra={"event": "consumer_replace_failed", "consumer_index": index})
+                    result = {"started": False}
+            statuses.append(result)
+        return statuses
 
     def write_health(self, statuses: list[dict[str, Any]]) -> None:
         """Record readiness for the container's HEALTHCHECK (`imagen health`)."""
@@ -94,7 +114,7 @@ class Service:
         while not stop.is_set():
             try:
                 self.write_health(await self.consumer_statuses())
-            except Exception as exc:  # noqa: BLE001 - a dead actor makes the service unhealthy, not crash
+            except Exception as exc:  # noqa: BLE001 - a failed check makes the service unhealthy, not crash
                 logger.warning("health check failed: %s", exc, extra={"event": "health_check_failed"})
                 self.write_health([])
             try:

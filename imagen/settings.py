@@ -60,6 +60,13 @@ class Settings:
     serve_max_ongoing_requests: int = 32
     serve_num_cpus: float = 1.0
     serve_http_port: int = 8000
+    # Interfaces Serve's HTTP proxy and the Ray dashboard listen on; the container sets 0.0.0.0.
+    serve_http_host: str = "127.0.0.1"
+    ray_dashboard_host: str = "127.0.0.1"
+    # Autoscaling bounds; with serve_max_replicas above serve_min_replicas, Serve scales between them.
+    serve_min_replicas: int = 1
+    serve_max_replicas: int = 1
+    serve_target_ongoing_requests: float = 4.0
     warmup_shapes: tuple[tuple[int, int, int], ...] = ()
 
     # Queue and consumers.
@@ -67,6 +74,7 @@ class Settings:
     concurrency: int = 8
     poll_interval_s: float = 5.0
     lease_s: float = 30.0
+    # Attempts of jobs queued by `imagen submit`; a row's own max_attempts column decides for the consumer.
     max_attempts: int = 3
     retry_base_delay_s: float = 2.0
     retry_max_delay_s: float = 300.0
@@ -84,7 +92,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check_positive(self, "serve_replicas", "serve_max_batch_size", "serve_max_ongoing_requests",
-                        "consumers", "concurrency", "max_attempts")
+                        "consumers", "concurrency", "max_attempts", "serve_max_replicas",
+                        "serve_target_ongoing_requests")
+        if self.serve_min_replicas < 0 or self.serve_min_replicas > self.serve_max_replicas:
+            raise SettingsError(
+                f"IMAGEN_SERVE_MIN_REPLICAS must be between 0 and IMAGEN_SERVE_MAX_REPLICAS "
+                f"({self.serve_max_replicas}), got {self.serve_min_replicas}"
+            )
+        if not 1 <= self.max_attempts <= 10:
+            raise SettingsError(f"IMAGEN_MAX_ATTEMPTS must be between 1 and 10, got {self.max_attempts}")
         _check_positive(self, "poll_interval_s", "lease_s", "backend_timeout_s", "serve_num_cpus",
                         "listener_check_interval_s", "reconnect_max_delay_s", "retry_max_delay_s")
         _check_non_negative(self, "serve_batch_wait_timeout_s", "retry_base_delay_s",
@@ -208,6 +224,11 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "serve_max_ongoing_requests": ("IMAGEN_SERVE_MAX_ONGOING_REQUESTS", int),
     "serve_num_cpus": ("IMAGEN_SERVE_NUM_CPUS", float),
     "serve_http_port": ("IMAGEN_SERVE_HTTP_PORT", int),
+    "serve_http_host": ("IMAGEN_SERVE_HTTP_HOST", str),
+    "ray_dashboard_host": ("IMAGEN_RAY_DASHBOARD_HOST", str),
+    "serve_min_replicas": ("IMAGEN_SERVE_MIN_REPLICAS", int),
+    "serve_max_replicas": ("IMAGEN_SERVE_MAX_REPLICAS", int),
+    "serve_target_ongoing_requests": ("IMAGEN_SERVE_TARGET_ONGOING_REQUESTS", float),
     "warmup_shapes": ("IMAGEN_WARMUP_SHAPES", _parse_shapes),
     "consumers": ("IMAGEN_CONSUMERS", int),
     "concurrency": ("IMAGEN_CONCURRENCY", int),

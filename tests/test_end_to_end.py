@@ -117,3 +117,28 @@ async def test_consumer_actor_runs_job_through_deployment(dsn, db, tmp_path, ser
         import ray
 
         ray.kill(actor)
+
+
+async def test_service_replaces_dead_consumer(dsn, db, tmp_path, serve_handle, serve_settings):
+    import ray
+
+    from imagen.service import Service
+
+    settings = fast_settings(tmp_path, model="tiny", data_dir=serve_settings.data_dir,
+                             output_dir=tmp_path / "replaced-images")
+    service = Service(settings, dsn=dsn)
+    service.consumers = [service._new_consumer(0)]
+    await service.consumers[0].start.remote()
+    dead = service.consumers[0]
+    ray.kill(dead)
+
+    statuses = await service.consumer_statuses()
+
+    assert service.consumers[0] is not dead
+    assert statuses[0]["started"] is True
+    job_id = await insert_job(db, prompt="after replacement", backend="flux-schnell-local", width=64, height=64,
+                              steps=2)
+    row = await wait_for_status(db, job_id, timeout_s=120)
+    assert row["status"] == "done", row["error"]
+    await service.consumers[0].stop.remote(1.0)
+    ray.kill(service.consumers[0])
