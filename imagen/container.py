@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imagen.errors import SettingsError
@@ -35,43 +34,16 @@ def build_app(args: dict) -> Application:
     that override the pod's environment. Serve requires a builder to take
     exactly one parameter.
     """
-    # NOTE: these deployment options mirror imagen.cluster.deploy; a change
-    # to one must be made to the other.
-    from imagen.cluster import replica_env_vars
-    from serve_app.deployment import FluxDeployment, ReplicaConfig
+    from imagen.cluster import build_application
     from serve_app.options import ServeOptions
 
     environ = _environment_with_args(os.environ, args)
     settings = Settings.from_env(environ)
     options = ServeOptions.from_env(environ)
-    if settings.serve_max_ongoing_requests < settings.serve_max_batch_size:
-        raise SettingsError(
-            f"IMAGEN_SERVE_MAX_ONGOING_REQUESTS must be >= IMAGEN_SERVE_MAX_BATCH_SIZE "
-            f"({settings.serve_max_batch_size}) or batches can never fill, "
-            f"got {settings.serve_max_ongoing_requests}"
-        )
-
+    # A RayService builds the app before its GPU workers join, so the GPU is
+    # requested from the settings instead of from the cluster's resources.
     device = "cpu" if settings.device == "cpu" else "cuda"
-    config = ReplicaConfig(
-        model=settings.model,
-        device=device,
-        data_dir=str(Path(settings.data_dir).resolve()),
-        warmup_shapes=settings.warmup_shapes,
-        options=options,
-    )
-    return FluxDeployment.options(
-        num_replicas=settings.serve_replicas,
-        max_ongoing_requests=settings.serve_max_ongoing_requests,
-        ray_actor_options={
-            "num_cpus": settings.serve_num_cpus,
-            "num_gpus": 0 if device == "cpu" else 1,
-            "runtime_env": {"env_vars": replica_env_vars(settings)},
-        },
-        user_config={
-            "max_batch_size": settings.serve_max_batch_size,
-            "batch_wait_timeout_s": settings.serve_batch_wait_timeout_s,
-        },
-    ).bind(config)
+    return build_application(settings, options, device=device, num_gpus=0 if device == "cpu" else 1)
 
 
 def _environment_with_args(environ: Mapping[str, str], args: Mapping[str, Any]) -> dict[str, str]:

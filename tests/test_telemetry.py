@@ -161,7 +161,8 @@ async def test_job_metrics_reach_ray_metrics_endpoint(dsn, db, tmp_path, serve_h
         def exported() -> bool:
             text = _metrics_text()
             return ('ray_imagen_jobs_total{' in text and 'outcome="done"' in text and 'outcome="failed"' in text
-                    and "ray_imagen_pickup_latency_s_bucket" in text and "ray_imagen_batch_size" in text)
+                    and "ray_imagen_pickup_latency_s_bucket" in text and "ray_imagen_batch_size" in text
+                    and "ray_imagen_queue_pending_jobs" in text)
 
         await wait_until(lambda: asyncio.to_thread(exported), timeout_s=90, what="metrics exported")
     finally:

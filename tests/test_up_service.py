@@ -15,6 +15,7 @@ import pytest
 from imagen.service import check_health
 from imagen.settings import Settings
 from tests.db_fixtures import insert_job, wait_for_status, wait_until
+from tests.ray_fixtures import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ async def test_up_with_go_env_file_runs_local_and_replicate_jobs(dsn, db, fake_s
     env = {key: value for key, value in os.environ.items() if not key.startswith(("IMAGEN_", "SUPABASE_", "RAY_"))}
     env.update(IMAGEN_DATA_DIR=str(short_data_dir), IMAGEN_MODEL="tiny", IMAGEN_DEVICE="cpu",
                IMAGEN_REPLICATE_BASE_URL=fake_replicate.url, IMAGEN_WARMUP_SHAPES="64x64x2",
-               IMAGEN_SHUTDOWN_GRACE_S="5", IMAGEN_LOG_LEVEL="INFO")
+               IMAGEN_SHUTDOWN_GRACE_S="5", IMAGEN_LOG_LEVEL="INFO", IMAGEN_SERVE_HTTP_PORT=str(free_port()))
     log = open(tmp_path / "up.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "imagen.cli", "--env-file", str(env_file), "up"],
                                env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -44,8 +44,11 @@ class ServeBackend:
                         context.report_progress(event.step, event.total)
                 elif isinstance(event, GenerationResult):
                     result = event
-        except JobError:
-            raise
+        except JobError as exc:
+            # Ray raises a RayTaskError subclass of the replica's error class,
+            # whose `transient` is the class default; the original is its cause.
+            cause = getattr(exc, "cause", None)
+            raise cause if isinstance(cause, JobError) else exc from None
         except Exception as exc:  # noqa: BLE001 - Ray wraps replica failures in many types
             raise _translate(exc) from exc
         if result is None:
