@@ -8,9 +8,9 @@ concurrent requests therefore form one batch.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
