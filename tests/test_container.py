@@ -391,7 +391,8 @@ def test_restart_policy_and_single_init(compose):
 def test_traces_go_to_jaeger_by_default(compose):
     environment = compose["services"]["imagen"]["environment"]
     assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
-    assert environment["OTEL_SERVICE_NAME"] == "imagen"
+    # Consumers and replicas name themselves imagen-consumer and imagen-serve.
+    assert "OTEL_SERVICE_NAME" not in environment
     jaeger = compose["services"]["jaeger"]
     assert "profiles" not in jaeger
     assert jaeger["environment"]["JAEGER_LISTEN_HOST"] == "0.0.0.0"
