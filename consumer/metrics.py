@@ -46,7 +46,7 @@ class RayMetricsObserver(Observer):
         self._pickup.observe(max(job.queued_s, 0.0), tags={"backend": job.backend})
 
     def job_finished(self, job: Any, outcome: str, duration_s: float) -> None:
-        if outcome == "discarded":
+        if outcome in ("discarded", "abandoned"):
             return
         self._jobs.inc(tags={"outcome": outcome, "backend": job.backend})
         self._duration.observe(duration_s, tags={"backend": job.backend, "outcome": outcome})

@@ -12,7 +12,7 @@ class Observer:
         """A job was claimed by this consumer."""
 
     def job_finished(self, job: Any, outcome: str, duration_s: float) -> None:
-        """A job ended this attempt: outcome is done, failed, retried, cancelled or discarded."""
+        """A job ended this attempt: done, failed, retried, cancelled, discarded (lease lost) or abandoned (database away)."""
 
     def job_rescued(self, job_id: str, backend: str, failed: bool) -> None:
         """An expired lease was returned to the queue, or failed after its last attempt."""

@@ -10,7 +10,10 @@
 -- name: claim_jobs
 -- Claim up to $2 due pending jobs for consumer $1 with a lease of $3 seconds, taking turns between owners.
 WITH due AS (
-    SELECT id, owner_user_id, created_at,
+    SELECT id, created_at,
+           -- Jobs without an owner form one group of their own; a plain value
+           -- (not NULL) lets the joins below hash instead of comparing every pair.
+           coalesce(owner_user_id, '00000000-0000-0000-0000-000000000000'::uuid) AS owner_key,
            -- Position within the owner's own queue, which stays first-in first-out.
            row_number() OVER (PARTITION BY owner_user_id ORDER BY created_at, id) AS owner_rank
     FROM imagen.jobs
@@ -18,25 +21,31 @@ WITH due AS (
       -- Retried jobs wait out their backoff.
       AND run_after <= now()
 ),
+candidates AS (
+    -- No claim takes more than $2 jobs of one owner, so later ranks never matter.
+    SELECT id, created_at, owner_key, owner_rank
+    FROM due
+    WHERE owner_rank <= $2
+),
 owners AS (
     -- When each waiting owner last had a job started. The owner served longest
     -- ago goes first, so one owner's burst cannot starve another owner's single job.
-    SELECT waiting.owner_user_id,
-           CASE WHEN waiting.owner_user_id IS NULL
+    SELECT waiting.owner_key,
+           CASE WHEN waiting.owner_key = '00000000-0000-0000-0000-000000000000'::uuid
                 THEN (SELECT max(started_at) FROM imagen.jobs WHERE owner_user_id IS NULL)
-                ELSE (SELECT max(started_at) FROM imagen.jobs WHERE owner_user_id = waiting.owner_user_id)
+                ELSE (SELECT max(started_at) FROM imagen.jobs WHERE owner_user_id = waiting.owner_key)
            END AS last_started_at
-    FROM (SELECT DISTINCT owner_user_id FROM due) AS waiting
+    FROM (SELECT DISTINCT owner_key FROM candidates WHERE owner_rank = 1) AS waiting
 ),
 picked AS (
     SELECT jobs.id
-    FROM imagen.jobs
-    JOIN due ON due.id = jobs.id
-    JOIN owners ON owners.owner_user_id IS NOT DISTINCT FROM due.owner_user_id
+    FROM candidates
+    JOIN owners ON owners.owner_key = candidates.owner_key
+    JOIN imagen.jobs ON jobs.id = candidates.id
     -- Checked again on the locked row version: another consumer may have claimed
     -- the job, or its owner cancelled it, after `due` was read.
     WHERE jobs.status = 'pending'
-    ORDER BY due.owner_rank, owners.last_started_at NULLS FIRST, due.created_at, due.id
+    ORDER BY candidates.owner_rank, owners.last_started_at NULLS FIRST, candidates.created_at, candidates.id
     LIMIT $2
     -- Rows another consumer is claiming right now are skipped, not waited for.
     FOR UPDATE OF jobs SKIP LOCKED
@@ -71,7 +80,7 @@ RETURNING j.id;
 -- name: rescue_expired_leases
 -- Return jobs whose consumer stopped renewing its lease to the queue, or fail them once attempts are used up.
 WITH expired AS (
-    SELECT id
+    SELECT id, lease_owner
     FROM imagen.jobs
     WHERE status = 'running' AND lease_expires_at < now()
     ORDER BY lease_expires_at
@@ -98,7 +107,7 @@ SET status = CASE WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'pending' 
     progress_total = NULL
 FROM expired
 WHERE j.id = expired.id
-RETURNING j.id, j.backend, j.status, j.attempt, j.max_attempts;
+RETURNING j.id, j.backend, j.status, j.attempt, j.max_attempts, expired.lease_owner AS lost_consumer;
 
 -- name: complete_job
 -- Record the image, the usage row and status 'done' for job $1 if consumer $2 still holds attempt $3; returns the image id.

@@ -283,7 +283,8 @@ class Consumer:
             log = logger.error if final else logger.info
             log("job's consumer was lost; %s", "failed after max attempts" if final else "returned to the queue",
                 extra={"event": "job_failed" if final else "job_rescued", "job_id": job_id,
-                       "attempt": row["attempt"], "max_attempts": row["max_attempts"], "consumer_id": self.id})
+                       "attempt": row["attempt"], "max_attempts": row["max_attempts"],
+                       "lost_consumer_id": row["lost_consumer"], "consumer_id": self.id})
             self.observer.job_rescued(job_id, row["backend"], final)
         if rows:
             self._wake.set()
@@ -362,6 +363,15 @@ class Consumer:
             outcome = await self._record_failure(job, exc)
             self.observer.job_finished(job, outcome, time.monotonic() - started)
             return outcome
+        except DatabaseError as exc:
+            # The database stayed away for a whole lease period while the result
+            # was recorded. The lease is no longer renewed, so once it expires any
+            # consumer's rescue sends the job back to the queue; failing it here
+            # would throw away an attempt that did nothing wrong.
+            logger.warning("database unreachable while recording the job; leaving it to the lease rescue: %s", exc,
+                           extra={"event": "job_abandoned", "job_id": job.id, "attempt": job.attempt})
+            trace.get_current_span().record_exception(exc)
+            return "abandoned"
         except Exception as exc:  # noqa: BLE001 - an unexpected error still fails the job with its text
             logger.exception("job raised an unexpected error", extra={"event": "job_unexpected_error",
                                                                       "job_id": job.id})
@@ -525,14 +535,19 @@ class Consumer:
             delay_s = self._backoff_s(job.attempt, exc)
             message = f"attempt {job.attempt} of {job.max_attempts} failed, retrying in {delay_s:.1f} s: {exc}"
             recorded = await self._retry_db(lambda: self.repository.retry(job, message, delay_s), "retry_job")
-            logger.info("job failed, will retry", extra={"event": "job_retry", "job_id": job.id,
-                                                         "attempt": job.attempt, "delay_s": round(delay_s, 3),
-                                                         "error": str(exc)})
+            if recorded:
+                logger.info("job failed, will retry", extra={"event": "job_retry", "job_id": job.id,
+                                                             "attempt": job.attempt, "delay_s": round(delay_s, 3),
+                                                             "error": str(exc)})
         else:
             message = f"failed on attempt {job.attempt} of {job.max_attempts}: {exc}"
             recorded = await self._retry_db(lambda: self.repository.fail(job, message), "fail_job")
-            logger.error("job failed", extra={"event": "job_failed", "job_id": job.id, "attempt": job.attempt,
-                                              "error": str(exc)})
+            if recorded:
+                logger.error("job failed", extra={"event": "job_failed", "job_id": job.id, "attempt": job.attempt,
+                                                  "error": str(exc)})
+        if recorded is None:
+            # The database stayed away; the lease rescue decides the job's fate.
+            return "abandoned"
         if recorded is False:
             await self._explain_not_held(job)
             return "discarded"

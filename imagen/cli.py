@@ -28,24 +28,45 @@ DEMO_PROMPT = "a lighthouse on a cliff at dawn, oil painting"
 
 
 def load_env_file(path: Path) -> None:
-    """Read KEY=VALUE lines (as in the Go worker's env file) into os.environ without overriding set values."""
+    """Read KEY=VALUE lines (as in the Go worker's env file) into os.environ without overriding set values.
+
+    Accepts what docker compose's env files accept: `export ` prefixes,
+    single- or double-quoted values, `#` comments on their own line or after
+    a value (unquoted values need a space before the `#`), a UTF-8 byte order
+    mark and Windows line ends.
+    """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise SettingsError(f"env file {path} not found: pass an existing file to --env-file") from None
-    for number, raw in enumerate(lines, start=1):
+    except IsADirectoryError:
+        raise SettingsError(f"env file {path} is a directory: pass the file itself to --env-file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"env file {path} cannot be read ({exc}): check its permissions and encoding") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("export "):
             line = line[len("export "):].strip()
-        if "=" not in line:
+        key, separator, value = line.partition("=")
+        key = key.strip()
+        if not separator or not key.replace("_", "").isalnum():
             raise SettingsError(f"{path}:{number} is not KEY=VALUE: fix or remove that line")
-        key, value = line.split("=", 1)
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        os.environ.setdefault(key.strip(), value)
+        os.environ.setdefault(key, _env_value(value.strip(), path, number))
+
+
+def _env_value(value: str, path: Path, number: int) -> str:
+    """Unquote a value and drop a trailing comment."""
+    if value[:1] in ("'", '"'):
+        quote = value[0]
+        end = value.find(quote, 1)
+        rest = value[end + 1:].strip() if end != -1 else ""
+        if end == -1 or (rest and not rest.startswith("#")):
+            raise SettingsError(f"{path}:{number} has an unterminated or malformed quoted value: fix the quotes")
+        return value[1:end]
+    comment = value.find(" #")
+    return value[:comment].rstrip() if comment != -1 else value
 
 
 @contextmanager
@@ -76,7 +97,7 @@ async def _connect(settings: Settings):
 
     from imagen.service import resolve_database_url
 
-    dsn, _embedded = await asyncio.to_thread(resolve_database_url, settings)
+    dsn, _started = await asyncio.to_thread(resolve_database_url, settings)
     return await asyncpg.connect(dsn)
 
 
@@ -87,7 +108,7 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     from imagen.migrate import migrate
     from imagen.service import resolve_database_url
 
-    dsn, _embedded = resolve_database_url(settings)
+    dsn, _started = resolve_database_url(settings)
     applied = asyncio.run(migrate(dsn))
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
     return 0
@@ -96,7 +117,7 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_db_url(settings: Settings, _args: argparse.Namespace) -> int:
     from imagen.service import resolve_database_url
 
-    dsn, _embedded = resolve_database_url(settings)
+    dsn, _started = resolve_database_url(settings)
     print(dsn)
     return 0
 
@@ -113,7 +134,7 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
         owner = args.owner or settings.owner_user_id
         job_id = await connection.fetchval(
             query("insert_job"), uuid.UUID(owner) if owner else None, args.prompt, args.style, args.backend,
-            args.width, args.height, args.steps, args.guidance, args.seed, args.max_attempts or settings.max_attempts,
+            args.width, args.height, args.steps, args.guidance, args.seed, settings.max_attempts if args.max_attempts is None else args.max_attempts,
             None,
         )
         print(job_id)
@@ -215,6 +236,9 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     from serve_app.pipeline import FluxGenerator
     from serve_app.requests import GenerationRequest
 
+    output = Path(args.output)
+    if output.is_dir():
+        raise SettingsError(f"-o {output} is a directory: give the PNG file to write, e.g. {output / 'image.png'}")
     model = _choose_model(settings, args.model)
     with progress(True) as say:
         say(f"loading model {model}")
@@ -226,7 +250,6 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         outcome = generator.generate_batch([request])[0]
     if isinstance(outcome, Exception):
         raise outcome
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_bytes(outcome.png)
     print(json.dumps({"file": str(output), "seed": outcome.seed, "width": outcome.width, "height": outcome.height,
@@ -297,7 +320,7 @@ def cmd_consume(settings: Settings, args: argparse.Namespace) -> int:
 
     async def consume() -> int:
         configure_tracing("imagen-consumer")
-        dsn, _embedded = await asyncio.to_thread(resolve_database_url, settings)
+        dsn, _started = await asyncio.to_thread(resolve_database_url, settings)
         get_handle = None
         if args.serve:
             from imagen import cluster
@@ -341,10 +364,38 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
 # --------------------------------------------------------------------- parser
 
 
+def _uuid_arg(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a UUID such as 123e4567-e89b-12d3-a456-426614174000, got {raw!r}")
+
+
+def _seed_arg(raw: str) -> int:
+    try:
+        seed = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {raw!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {seed}")
+    return seed
+
+
+def _positive_seconds_arg(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {raw!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number of seconds, got {raw!r}")
+    return value
+
+
 def _add_job_options(parser: argparse.ArgumentParser, *, size_default: int | None) -> None:
     parser.add_argument("--width", type=int, default=size_default, help="image width in pixels, a multiple of 16")
     parser.add_argument("--height", type=int, default=size_default, help="image height in pixels, a multiple of 16")
-    parser.add_argument("--seed", type=int, default=None, help="random seed; picked at random when omitted")
+    parser.add_argument("--seed", type=_seed_arg, default=None,
+                        help="random seed from 0 to 2**63 - 1; picked at random when omitted")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps; the backend's default when omitted")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale, for backends that use it")
 
@@ -359,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     demo.add_argument("--model", help="model Hub id, local directory or 'tiny' (IMAGEN_MODEL)")
     demo.add_argument("--backend", default="flux-schnell-local")
-    demo.add_argument("--timeout-s", type=float, default=600.0, help="seconds to wait for the job")
+    demo.add_argument("--timeout-s", default=600.0, type=_positive_seconds_arg, help="seconds to wait for the job")
     _add_job_options(demo, size_default=None)
     demo.set_defaults(handler=cmd_demo)
 
@@ -379,10 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("prompt")
     submit.add_argument("--backend", default=None, help="backend name (default flux-schnell-local)")
     submit.add_argument("--style", default=None, help="prompt style, e.g. photo or watercolor")
-    submit.add_argument("--owner", default=None, help="owner user id (default IMAGEN_OWNER_USER_ID)")
+    submit.add_argument("--owner", type=_uuid_arg, default=None, help="owner user id (default IMAGEN_OWNER_USER_ID)")
     submit.add_argument("--max-attempts", type=int, default=None)
     submit.add_argument("--wait", action="store_true", help="wait for the job and show its progress")
-    submit.add_argument("--timeout-s", type=float, default=600.0, help="seconds to wait with --wait")
+    submit.add_argument("--timeout-s", type=_positive_seconds_arg, default=600.0, help="seconds to wait with --wait")
     _add_job_options(submit, size_default=None)
     submit.set_defaults(handler=cmd_submit)
 
@@ -394,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=cmd_generate)
 
     cancel = commands.add_parser("cancel", help="cancel a pending or running job")
-    cancel.add_argument("job_id")
+    cancel.add_argument("job_id", type=_uuid_arg)
     cancel.set_defaults(handler=cmd_cancel)
 
     status = commands.add_parser("status", help="jobs by status, the oldest pending job, failures and leases")
@@ -424,10 +475,42 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format)
         return args.handler(settings, args)
     except ImagenError as exc:
-        print(f"imagen: error: {exc}", file=sys.stderr)
+        print(f"imagen: error: {_hide_secrets(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a clear message, never a raw traceback
+        print(f"imagen: error: {_describe(exc)}", file=sys.stderr)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            logger.debug("traceback", exc_info=True, extra={"event": "cli_traceback"})
+        return 1
+
+
+def _describe(exc: Exception) -> str:
+    """Explain a database or connection failure in one line, without secrets."""
+    import asyncpg
+
+    if isinstance(exc, asyncpg.CheckViolationError):
+        return _hide_secrets(f"the database rejected the value: constraint {exc.constraint_name} failed "
+                             f"(the constraint's name states the rule): {exc.detail or exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return _hide_secrets(f"the database rejected the command: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (OSError, asyncpg.InterfaceError, TimeoutError)):
+        return _hide_secrets(f"cannot reach the database ({type(exc).__name__}: {exc}): check "
+                             "IMAGEN_WORKER_DATABASE_URL and that the server is running")
+    return _hide_secrets(f"{type(exc).__name__}: {exc}")
+
+
+def _hide_secrets(text: str) -> str:
+    """Replace any secret setting's value, and URL passwords, with ***."""
+    from imagen.logs import redact
+    from imagen.settings import SECRET_ENV_NAMES
+
+    for name in SECRET_ENV_NAMES:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return redact(text)
 
 
 if __name__ == "__main__":

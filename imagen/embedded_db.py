@@ -41,6 +41,7 @@ class EmbeddedPostgres:
         self.pgdata = data_dir / "postgres"
         self.port_file = self.pgdata / "imagen-port"
         self.log_file = data_dir / "postgres.log"
+        self.started = False
         self._bin = _binaries_dir()
 
     @property
@@ -63,11 +64,19 @@ class EmbeddedPostgres:
         return _port_accepts(port)
 
     def start(self) -> str:
-        """Start the server if needed, create the imagen database, and return its URL."""
+        """Start the server if needed, create the imagen database, and return its URL.
+
+        `started` tells afterwards whether this call started the server, so
+        a command stops only a server it started itself.
+        """
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()
+        self.started = False
         if not self.is_running():
-            self._start_server()
+            # The same port as last time, so consumers that outlived a stop reconnect to it.
+            previous = self.port
+            self._start_server(port=previous if previous is not None and not _port_accepts(previous) else None)
+            self.started = True
         self._create_database()
         return self.url()
 
@@ -203,8 +212,9 @@ def _port_accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def ensure_embedded_database(data_dir: Path) -> str:
-    """Start the embedded server of `data_dir` if needed and return the imagen database URL."""
+def ensure_embedded_database(data_dir: Path) -> tuple[str, bool]:
+    """Start the embedded server of `data_dir` if needed; return the imagen database URL and whether it started now."""
     prepare_data_dir(data_dir)
     server = EmbeddedPostgres(data_dir)
-    return server.start()
+    url = server.start()
+    return url, server.started

@@ -22,12 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_database_url(settings: Settings) -> tuple[str, bool]:
-    """Return the database URL to use and whether it is the embedded server."""
+    """Return the database URL to use and whether this call started the embedded server for it."""
     if settings.database_url:
         return settings.database_url, False
     from imagen.embedded_db import ensure_embedded_database
 
-    return ensure_embedded_database(settings.data_dir), True
+    return ensure_embedded_database(settings.data_dir)
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Service:
 
     settings: Settings
     dsn: str = ""
-    embedded: bool = False
+    # True when this service started the embedded server, and so stops it.
+    started_database: bool = False
     consumers: list[Any] = field(default_factory=list)
     deployment: Any = None
     health_file: Path | None = None
@@ -46,12 +47,15 @@ class Service:
         say = progress or (lambda _text: None)
 
         say("starting the database")
-        self.dsn, self.embedded = await asyncio.to_thread(resolve_database_url, self.settings)
-        if migrate or self.embedded:
+        self.dsn, self.started_database = await asyncio.to_thread(resolve_database_url, self.settings)
+        # Checked before Ray and the model start, which take far longer than a failed connection.
+        await check_database(self.dsn, require_schema=False)
+        if migrate or not self.settings.database_url:
             from imagen.migrate import migrate as apply_migrations
 
             applied = await apply_migrations(self.dsn)
             logger.info("migrations applied", extra={"event": "migrations_applied", "count": len(applied)})
+        await check_database(self.dsn, require_schema=True)
 
         from imagen import cluster
 
@@ -139,11 +143,32 @@ class Service:
         from imagen import cluster
 
         await asyncio.to_thread(cluster.shutdown)
-        if self.embedded:
+        if self.started_database:
             from imagen.embedded_db import EmbeddedPostgres
 
             await asyncio.to_thread(EmbeddedPostgres(self.settings.data_dir).stop)
         logger.info("service stopped", extra={"event": "service_stopped"})
+
+
+async def check_database(dsn: str, *, require_schema: bool, timeout_s: float = 10.0) -> None:
+    """Raise DatabaseError, naming the setting to fix, when the database cannot be reached or is not migrated."""
+    import asyncpg
+
+    from imagen.errors import DatabaseError
+
+    try:
+        connection = await asyncpg.connect(dsn, timeout=timeout_s)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseError(
+            f"cannot connect to the database ({type(exc).__name__}: {exc}): check IMAGEN_WORKER_DATABASE_URL "
+            "and that the server is running"
+        ) from None
+    try:
+        migrated = await connection.fetchval("SELECT to_regclass('imagen.jobs') IS NOT NULL")
+    finally:
+        await connection.close()
+    if require_schema and not migrated:
+        raise DatabaseError("the database has no imagen.jobs table: run `imagen migrate` or pass --migrate")
 
 
 def check_health(settings: Settings, max_age_s: float = 30.0) -> tuple[bool, str]:

@@ -10,6 +10,7 @@ The names of the Go worker's env file (`IMAGEN_WORKER_DATABASE_URL`,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import uuid
 from collections.abc import Mapping
@@ -121,6 +122,12 @@ class Settings:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"IMAGEN_DEVICE must be auto, cpu or cuda, got {self.device!r}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(
+                f"IMAGEN_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}"
+            )
+        if self.database_url is not None:
+            _check_database_url(self.database_url)
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"IMAGEN_LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.lease_s < 3:
@@ -152,6 +159,25 @@ class Settings:
         return cls(**values)
 
 
+def _check_database_url(url: str) -> None:
+    """Reject a database URL that would be misread, without echoing it: it may contain a password."""
+    from urllib.parse import urlsplit
+
+    hint = ("IMAGEN_WORKER_DATABASE_URL must look like postgresql://USER:PASSWORD@HOST:PORT/DATABASE; "
+            "percent-encode '#', '/', '?', '@' and ':' inside the password (e.g. '#' as %23)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise SettingsError(f"{hint}; the value given could not be parsed") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise SettingsError(f"{hint}; the scheme is {parts.scheme or 'missing'!r}") from None
+    if port is not None and not 0 < port < 65536:
+        raise SettingsError(f"{hint}; port {port} is out of range") from None
+    if parts.fragment:
+        raise SettingsError(f"{hint}; the value contains an unencoded '#'") from None
+
+
 def _check_positive(settings: Settings, *names: str) -> None:
     for name in names:
         value = getattr(settings, name)
@@ -173,6 +199,13 @@ def _env_name(field_name: str) -> str:
     return field_name
 
 
+def _parse_finite_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
 def _parse_bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -190,6 +223,11 @@ def _parse_shapes(raw: str) -> tuple[tuple[int, int, int], ...]:
         if len(parts) != 3:
             raise ValueError(f"expected WIDTHxHEIGHTxSTEPS, got {item.strip()!r}")
         width, height, steps = (int(part) for part in parts)
+        for side in (width, height):
+            if side % 16 or not 64 <= side <= 2048:
+                raise ValueError(f"{side} in {item.strip()!r} must be a multiple of 16 between 64 and 2048")
+        if not 1 <= steps <= 100:
+            raise ValueError(f"steps {steps} in {item.strip()!r} must be between 1 and 100")
         shapes.append((width, height, steps))
     return tuple(shapes)
 
@@ -220,29 +258,29 @@ _ENV_FIELDS: dict[str, tuple[str, Any]] = {
     "device": ("IMAGEN_DEVICE", str),
     "serve_replicas": ("IMAGEN_SERVE_REPLICAS", int),
     "serve_max_batch_size": ("IMAGEN_SERVE_MAX_BATCH_SIZE", int),
-    "serve_batch_wait_timeout_s": ("IMAGEN_SERVE_BATCH_WAIT_TIMEOUT_S", float),
+    "serve_batch_wait_timeout_s": ("IMAGEN_SERVE_BATCH_WAIT_TIMEOUT_S", _parse_finite_float),
     "serve_max_ongoing_requests": ("IMAGEN_SERVE_MAX_ONGOING_REQUESTS", int),
-    "serve_num_cpus": ("IMAGEN_SERVE_NUM_CPUS", float),
+    "serve_num_cpus": ("IMAGEN_SERVE_NUM_CPUS", _parse_finite_float),
     "serve_http_port": ("IMAGEN_SERVE_HTTP_PORT", int),
     "serve_http_host": ("IMAGEN_SERVE_HTTP_HOST", str),
     "ray_dashboard_host": ("IMAGEN_RAY_DASHBOARD_HOST", str),
     "serve_min_replicas": ("IMAGEN_SERVE_MIN_REPLICAS", int),
     "serve_max_replicas": ("IMAGEN_SERVE_MAX_REPLICAS", int),
-    "serve_target_ongoing_requests": ("IMAGEN_SERVE_TARGET_ONGOING_REQUESTS", float),
+    "serve_target_ongoing_requests": ("IMAGEN_SERVE_TARGET_ONGOING_REQUESTS", _parse_finite_float),
     "warmup_shapes": ("IMAGEN_WARMUP_SHAPES", _parse_shapes),
     "consumers": ("IMAGEN_CONSUMERS", int),
     "concurrency": ("IMAGEN_CONCURRENCY", int),
-    "poll_interval_s": ("IMAGEN_POLL_INTERVAL_S", float),
-    "lease_s": ("IMAGEN_LEASE_S", float),
+    "poll_interval_s": ("IMAGEN_POLL_INTERVAL_S", _parse_finite_float),
+    "lease_s": ("IMAGEN_LEASE_S", _parse_finite_float),
     "max_attempts": ("IMAGEN_MAX_ATTEMPTS", int),
-    "retry_base_delay_s": ("IMAGEN_RETRY_BASE_DELAY_S", float),
-    "retry_max_delay_s": ("IMAGEN_RETRY_MAX_DELAY_S", float),
-    "backend_timeout_s": ("IMAGEN_BACKEND_TIMEOUT_S", float),
-    "shutdown_grace_s": ("IMAGEN_SHUTDOWN_GRACE_S", float),
-    "listener_check_interval_s": ("IMAGEN_LISTENER_CHECK_INTERVAL_S", float),
-    "reconnect_max_delay_s": ("IMAGEN_RECONNECT_MAX_DELAY_S", float),
-    "progress_interval_s": ("IMAGEN_PROGRESS_INTERVAL_S", float),
-    "mock_step_s": ("IMAGEN_MOCK_STEP_S", float),
+    "retry_base_delay_s": ("IMAGEN_RETRY_BASE_DELAY_S", _parse_finite_float),
+    "retry_max_delay_s": ("IMAGEN_RETRY_MAX_DELAY_S", _parse_finite_float),
+    "backend_timeout_s": ("IMAGEN_BACKEND_TIMEOUT_S", _parse_finite_float),
+    "shutdown_grace_s": ("IMAGEN_SHUTDOWN_GRACE_S", _parse_finite_float),
+    "listener_check_interval_s": ("IMAGEN_LISTENER_CHECK_INTERVAL_S", _parse_finite_float),
+    "reconnect_max_delay_s": ("IMAGEN_RECONNECT_MAX_DELAY_S", _parse_finite_float),
+    "progress_interval_s": ("IMAGEN_PROGRESS_INTERVAL_S", _parse_finite_float),
+    "mock_step_s": ("IMAGEN_MOCK_STEP_S", _parse_finite_float),
     "log_format": ("IMAGEN_LOG_FORMAT", str),
     "log_level": ("IMAGEN_LOG_LEVEL", lambda raw: raw.upper()),
 }

@@ -45,8 +45,9 @@ CREATE TABLE IF NOT EXISTS imagen.jobs (
         CHECK (status IN ('pending', 'running', 'done', 'failed', 'cancelled')),
     CONSTRAINT jobs_prompt_length_from_1_to_2000
         CHECK (char_length(prompt) BETWEEN 1 AND 2000),
+    -- Blank means only white space or zero-width characters, in any script.
     CONSTRAINT jobs_prompt_not_blank
-        CHECK (btrim(prompt, E' \t\r\n') <> ''),
+        CHECK (prompt ~ '[^[:space:]\u00A0\u1680\u2000-\u200D\u2028\u2029\u202F\u205F\u2060\u3000\uFEFF]'),
     CONSTRAINT jobs_backend_name_is_lowercase_slug
         CHECK (backend ~ '^[a-z0-9][a-z0-9._-]{0,63}$'),
     CONSTRAINT jobs_style_name_is_lowercase_slug
@@ -64,6 +65,13 @@ CREATE TABLE IF NOT EXISTS imagen.jobs (
         CHECK (seed IS NULL OR seed >= 0),
     CONSTRAINT jobs_max_attempts_from_1_to_10
         CHECK (max_attempts BETWEEN 1 AND 10),
+    CONSTRAINT jobs_attempt_within_max_attempts
+        CHECK (attempt BETWEEN 0 AND max_attempts),
+    -- An infinite lease would never expire, so its job could never be rescued.
+    CONSTRAINT jobs_lease_expires_at_finite
+        CHECK (lease_expires_at IS NULL OR isfinite(lease_expires_at)),
+    CONSTRAINT jobs_run_after_finite
+        CHECK (isfinite(run_after)),
     CONSTRAINT jobs_running_has_lease
         CHECK (status <> 'running' OR (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)),
     CONSTRAINT jobs_done_has_image

@@ -149,3 +149,84 @@ def test_migrations_ship_inside_package():
     assert load_migrations(), "no migration files found"
     assert (migrations_dir() / "compat" / "supabase_compat.sql").exists()
     assert isinstance(migrations_dir(), Path)
+
+
+@pytest.mark.parametrize("password", ["Hunter2Secret#tail", "Pw9zQk/ssWord9", "Qx7Ry?uery9x"])
+def test_password_with_special_characters_is_not_echoed(cli_env, password):
+    url = f"postgresql://postgres:{password}@127.0.0.1:1/imagen"
+    result = run_imagen("status", env={**cli_env, "IMAGEN_WORKER_DATABASE_URL": url})
+    assert result.returncode != 0
+    assert "percent-encode" in result.stderr or "cannot reach the database" in result.stderr
+    for fragment in (password, password.split("#")[0], password.split("/")[0], password.split("?")[0]):
+        assert fragment not in result.stderr
+        assert fragment not in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_database_is_a_clear_error(cli_env):
+    result = run_imagen("status", env={**cli_env, "IMAGEN_WORKER_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"})
+    assert result.returncode != 0
+    assert "cannot reach the database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["submit", "x", "--width", "100"], "jobs_width_multiple_of_16_from_64_to_2048"),
+        (["submit", "x", "--max-attempts", "0"], "jobs_max_attempts_from_1_to_10"),
+        (["submit", "x", "--seed", "-5"], "--seed: must be between 0 and 2**63 - 1"),
+        (["submit", "x", "--owner", "bogus"], "--owner: must be a UUID"),
+        (["submit", "x", "--wait", "--timeout-s", "nan"], "--timeout-s: must be a positive finite number"),
+        (["cancel", "not-a-uuid"], "must be a UUID"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(cli_env, args, expected):
+    result = run_imagen(*args, env=cli_env)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("IMAGEN_LEASE_S", "nan", "IMAGEN_LEASE_S is invalid (expected a finite number)"),
+        ("IMAGEN_POLL_INTERVAL_S", "inf", "IMAGEN_POLL_INTERVAL_S is invalid (expected a finite number)"),
+        ("IMAGEN_WARMUP_SHAPES", "100x100x0", "IMAGEN_WARMUP_SHAPES is invalid"),
+        ("IMAGEN_LOG_LEVEL", "bogus", "IMAGEN_LOG_LEVEL must be DEBUG"),
+    ],
+)
+def test_non_finite_and_malformed_settings_rejected(cli_env, name, value, expected):
+    result = run_imagen("status", env={**cli_env, name: value})
+    assert result.returncode == 2
+    assert expected in result.stderr
+
+
+async def test_env_file_bom_crlf_quotes_and_comments(dsn, tmp_path, db):
+    owner = str(uuid.uuid4())
+    env_file = tmp_path / "windows.env"
+    env_file.write_bytes(
+        b"\xef\xbb\xbf" + f"IMAGEN_WORKER_DATABASE_URL='{dsn}' # the database\r\n".encode()
+        + f'IMAGEN_OWNER_USER_ID={owner} # comment\r\n'.encode()
+        + b'IMAGEN_STORAGE_BUCKET="my bucket" \r\n')
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGEN_")}
+    result = subprocess.run([sys.executable, "-m", "imagen.cli", "--env-file", str(env_file), "submit", "hi",
+                             "--backend", "mock"], capture_output=True, text=True,
+                            env={**env, "IMAGEN_DATA_DIR": str(tmp_path)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    row = await db.fetchrow("SELECT owner_user_id FROM imagen.jobs WHERE id = $1", uuid.UUID(result.stdout.strip()))
+    assert str(row["owner_user_id"]) == owner
+
+
+def test_env_file_directory_is_reported(tmp_path):
+    result = run_imagen("--env-file", str(tmp_path), "status")
+    assert result.returncode == 2
+    assert "is a directory" in result.stderr
+
+
+def test_generate_into_directory_is_rejected_before_work(tmp_path):
+    result = run_imagen("generate", "x", "-o", str(tmp_path), "--model", "tiny",
+                        env={"IMAGEN_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "is a directory" in result.stderr

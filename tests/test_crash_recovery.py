@@ -203,3 +203,55 @@ async def test_database_restart_and_terminated_listener_lose_no_job(own_server, 
             await db.close()
     finally:
         await consumer.stop(grace_s=1.0)
+
+
+async def test_embedded_server_keeps_port_across_restarts(own_server):
+    server, url = own_server
+    port = server.port
+    server.stop("fast")
+    assert server.start() == url
+    assert server.port == port
+    assert server.started is True
+    # A second start of a running server starts nothing.
+    server.start()
+    assert server.started is False
+
+
+async def test_outage_longer_than_lease_does_not_fail_job(own_server, tmp_path, caplog):
+    import logging
+
+    from consumer.backends import BackendRegistry, build_backends
+    from consumer.storage import LocalStore
+    from consumer.worker import Consumer
+    from tests.consumer_fixtures import fast_settings
+    from tests.test_consumer import ScriptedBackend
+
+    server, dsn = own_server
+    caplog.set_level(logging.WARNING)
+    slow = ScriptedBackend("slow", [1.0])
+    settings = fast_settings(tmp_path, lease_s=3.0)
+    registry = build_backends(settings)
+    consumer = Consumer(settings, dsn, BackendRegistry({"mock": registry.get("mock"), "slow": slow}),
+                        LocalStore(settings.local_output_dir))
+    await consumer.start()
+    try:
+        connection = await asyncpg.connect(dsn)
+        job_id = await insert_job(connection, backend="slow")
+        await connection.close()
+        await asyncio.wait_for(slow.started.wait(), timeout=10)
+
+        # The database goes away while the job generates and stays away longer than a lease.
+        await asyncio.to_thread(server.stop, "fast")
+        await wait_until(lambda: any(getattr(r, "event", None) == "job_abandoned" for r in caplog.records),
+                         timeout_s=30, what="job left to the lease rescue")
+        await asyncio.to_thread(server.start)
+
+        connection = await asyncpg.connect(dsn)
+        try:
+            row = await wait_for_status(connection, job_id, timeout_s=60)
+        finally:
+            await connection.close()
+    finally:
+        await consumer.stop(grace_s=1.0)
+    assert row["status"] == "done", row["error"]
+    assert row["attempt"] == 2

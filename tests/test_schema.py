@@ -187,3 +187,34 @@ async def test_anon_cannot_read_jobs(dsn, db):
             await connection.fetch("SELECT * FROM imagen.jobs")
     finally:
         await connection.close()
+
+
+@pytest.mark.parametrize("prompt", ["\u200b", " \u00a0\u3000", "\ufeff\u2060", "\t\r\n"])
+async def test_jobs_reject_invisible_prompt(db, prompt):
+    with pytest.raises(asyncpg.CheckViolationError) as caught:
+        await insert_job(db, prompt=prompt)
+    assert caught.value.constraint_name == "jobs_prompt_not_blank"
+
+
+@pytest.mark.parametrize(
+    ("columns", "constraint"),
+    [
+        ({"attempt": 6, "max_attempts": 3}, "jobs_attempt_within_max_attempts"),
+        ({"status": "running", "lease_owner": "x", "lease_expires_at": "infinity"}, "jobs_lease_expires_at_finite"),
+        ({"run_after": "infinity"}, "jobs_run_after_finite"),
+    ],
+)
+async def test_jobs_reject_worker_values_that_strand_jobs(db, columns, constraint):
+    placeholders = []
+    params = []
+    for value in columns.values():
+        if value == "infinity":
+            placeholders.append("'infinity'::timestamptz")
+        else:
+            params.append(value)
+            placeholders.append(f"${len(params) + 1}")
+    with pytest.raises(asyncpg.CheckViolationError) as caught:
+        await db.execute(
+            f"INSERT INTO imagen.jobs (prompt, {', '.join(columns)}) VALUES ($1, {', '.join(placeholders)})",
+            "x", *params)
+    assert caught.value.constraint_name == constraint

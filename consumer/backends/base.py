@@ -15,6 +15,15 @@ from imagen.errors import InvalidJobError
 from serve_app.requests import GenerationRequest, GenerationResult
 
 
+# Characters that take no space but that str.isspace() does not count as white space.
+ZERO_WIDTH_CHARACTERS = frozenset("\u200b\u200c\u200d\u2060\ufeff")
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` has nothing but white space and zero-width characters."""
+    return all(character.isspace() or character in ZERO_WIDTH_CHARACTERS for character in text)
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """What a backend accepts; values outside these limits fail the job before generation."""
@@ -35,8 +44,8 @@ class BackendSpec:
 
     def check(self, *, prompt: str, width: int, height: int, steps: int | None, guidance: float | None) -> None:
         """Raise InvalidJobError naming the first value this backend cannot take."""
-        if not prompt.strip():
-            raise InvalidJobError("prompt is empty: write a description of the image")
+        if is_blank(prompt):
+            raise InvalidJobError("prompt is empty or only white space: write a description of the image")
         if len(prompt) > self.max_prompt_chars:
             raise InvalidJobError(
                 f"prompt has {len(prompt)} characters, backend {self.name} takes at most "
