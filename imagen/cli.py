@@ -368,7 +368,7 @@ def _uuid_arg(raw: str) -> str:
     try:
         return str(uuid.UUID(raw))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a UUID such as 123e4567-e89b-12d3-a456-426614174000, got {raw!r}")
+        raise argparse.ArgumentTypeError(f"must be a UUID such as 123e4567-e89b-12d3-a456-426614174000, got {raw!r}") from None
 
 
 def _seed_arg(raw: str) -> int:

@@ -14,7 +14,6 @@ from typing import Protocol
 from imagen.errors import InvalidJobError
 from serve_app.requests import GenerationRequest, GenerationResult
 
-
 # Characters that take no space but that str.isspace() does not count as white space.
 ZERO_WIDTH_CHARACTERS = frozenset("\u200b\u200c\u200d\u2060\ufeff")
 
