@@ -110,7 +110,7 @@ WHERE j.id = expired.id
 RETURNING j.id, j.backend, j.status, j.attempt, j.max_attempts, expired.lease_owner AS lost_consumer;
 
 -- name: complete_job
--- Record the image, the usage row and status 'done' for job $1 if consumer $2 still holds attempt $3; returns the image id.
+-- Record the image, the usage row, status 'done' and $23 of $23 steps for job $1 if consumer $2 still holds attempt $3; returns the image id.
 WITH held AS (
     SELECT id, owner_user_id
     FROM imagen.jobs
@@ -136,7 +136,8 @@ SET status = 'done',
     image_id = image.id,
     finished_at = now(),
     lease_expires_at = NULL,
-    progress_step = j.progress_total
+    progress_step = $23,
+    progress_total = $23
 FROM image
 WHERE j.id = image.job_id
 RETURNING j.image_id;

@@ -623,19 +623,29 @@ class Consumer:
 
 
 class _ProgressWriter:
-    """Store step progress on the job row at most once per `progress_interval_s`, and always the last step."""
+    """Store step progress on the job row at most once per `progress_interval_s`.
+
+    The first report of a job waits one interval too, so a job faster than
+    the interval costs no progress write; `complete_job` records the last
+    step when the job is done. The last step is written as soon as it is
+    reported when earlier steps were, so a progress bar reaches its end
+    while the image is decoded and stored.
+    """
 
     def __init__(self, consumer: Consumer, job: ClaimedJob) -> None:
         self._consumer = consumer
         self._job = job
-        self._last_write = 0.0
+        self._last_write = time.monotonic()
+        self._wrote = False
         self._writing: asyncio.Task | None = None
 
     def report(self, step: int, total: int) -> None:
         now = time.monotonic()
-        if step < total and now - self._last_write < self._consumer.settings.progress_interval_s:
+        due = now - self._last_write >= self._consumer.settings.progress_interval_s
+        if not due and not (step >= total and self._wrote):
             return
         self._last_write = now
+        self._wrote = True
         self._writing = asyncio.get_running_loop().create_task(self._write(step, total))
 
     async def _write(self, step: int, total: int) -> None:

@@ -397,3 +397,33 @@ async def test_database_rejects_nul_in_prompt(db):
     except (asyncpg.PostgresError, asyncpg.DataError, ValueError, UnicodeError):
         return
     raise AssertionError("a prompt with a NUL byte was accepted")
+
+
+async def test_local_store_recreates_removed_folder(tmp_path):
+    import shutil
+
+    from consumer.storage import LocalStore
+    from imagen.errors import StorageError
+
+    store = LocalStore(tmp_path / "images")
+    await store.put("2026-01-01/a-1.png", b"\x89PNG first", "image/png")
+    shutil.rmtree(tmp_path / "images" / "2026-01-01")
+
+    try:
+        await store.put("2026-01-01/a-2.png", b"\x89PNG second", "image/png")
+    except StorageError as exc:
+        assert exc.transient
+    # A retry of the write succeeds once the cached folder was dropped.
+    await store.put("2026-01-01/a-2.png", b"\x89PNG second", "image/png")
+    assert (tmp_path / "images" / "2026-01-01" / "a-2.png").read_bytes() == b"\x89PNG second"
+
+
+async def test_local_store_rejects_escaping_key(tmp_path):
+    import pytest
+
+    from consumer.storage import LocalStore
+    from imagen.errors import StorageError
+
+    store = LocalStore(tmp_path / "images")
+    with pytest.raises(StorageError, match="must stay inside"):
+        await store.put("../outside.png", b"x", "image/png")

@@ -18,10 +18,17 @@ class LocalStore:
     def __init__(self, root: Path, bucket: str = "local") -> None:
         self.root = root.resolve()
         self.bucket = bucket
+        # Folders known to exist, so each write skips its mkdir calls.
+        self._folders: set[Path] = set()
 
     def path_for(self, key: str) -> Path:
-        """Return the file of `key`, refusing keys that would leave the root."""
-        path = (self.root / key).resolve()
+        """Return the file of `key`, rejecting keys that would leave the root.
+
+        The check is lexical (no symlinks are followed): keys come from
+        `object_key`, whose slugs hold only lowercase ASCII letters, digits
+        and dashes.
+        """
+        path = Path(os.path.normpath(self.root / key))
         if self.root not in path.parents:
             raise StorageError(f"object key {key!r} is invalid: it must stay inside {self.root}")
         return path
@@ -39,7 +46,14 @@ class LocalStore:
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self.path_for(key)
-        await asyncio.to_thread(_write_atomically, path, data)
+        make_folder = path.parent not in self._folders
+        try:
+            await asyncio.to_thread(_write_atomically, path, data, make_folder)
+        except StorageError:
+            # The folder may have been removed since it was cached.
+            self._folders.discard(path.parent)
+            raise
+        self._folders.add(path.parent)
 
     async def delete(self, key: str) -> None:
         path = self.path_for(key)
@@ -52,10 +66,11 @@ class LocalStore:
         return None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, make_folder: bool = True) -> None:
     """Write to a temporary file and rename it, so a crash never leaves half a PNG."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if make_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(descriptor, "wb") as handle:
