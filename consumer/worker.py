@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# Longest a busy consumer waits for more free slots before it claims, in seconds.
+CLAIM_GATHER_S = 0.005
+
 # The queue as OpenTelemetry's messaging conventions name a destination.
 JOBS_DESTINATION = "imagen.jobs"
 
@@ -95,6 +98,7 @@ class Consumer:
         self.listener: Listener | None = None
         self._inflight: dict[str, _InFlight] = {}
         self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -213,7 +217,28 @@ class Consumer:
         while not self._stopping.is_set():
             await self._wake.wait()
             self._wake.clear()
+            await self._gather_free_slots()
             await self._claim_available()
+
+    async def _gather_free_slots(self) -> None:
+        """While jobs run, wait briefly for more slots to free up, so one claim takes several jobs.
+
+        A claim statement costs about the same for one job as for eight, so
+        under a backlog claiming per freed slot wastes most of the database's
+        time. An idle consumer claims at once; a busy one waits until all
+        its slots are free or CLAIM_GATHER_S has passed.
+        """
+        threshold = self.settings.concurrency
+        deadline = time.monotonic() + CLAIM_GATHER_S
+        while self._inflight and self.settings.concurrency - len(self._inflight) < threshold:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0 or self._stopping.is_set():
+                return
+            self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), timeout=remaining_s)
+            except asyncio.TimeoutError:
+                return
 
     async def _claim_available(self) -> None:
         """Claim until the queue is empty or every slot is busy."""
@@ -319,6 +344,7 @@ class Consumer:
                                                                             "job_id": job.id})
         finally:
             self._inflight.pop(job.id, None)
+            self._slot_freed.set()
             # A free slot may take the next job of a backlog.
             if not self._stopping.is_set():
                 self._wake.set()
