@@ -172,8 +172,14 @@ def build_application(settings: Settings, options: ServeOptions, *, device: str,
         }}
     else:
         scaling = {"num_replicas": settings.serve_replicas}
+    from ray.serve.schema import LoggingConfig
+
     return FluxDeployment.options(
         **scaling,
+        # Serve's access log writes a line per request in the replica, which
+        # the replica's own batch records already cover; dropping it takes
+        # measurable time off every request on a small host.
+        logging_config=LoggingConfig(enable_access_log=False, log_level=settings.log_level),
         # Serve counts a request waiting in the batch queue as ongoing, so
         # this must be at least max_batch_size for a batch to fill.
         max_ongoing_requests=settings.serve_max_ongoing_requests,
