@@ -31,10 +31,10 @@ owners AS (
     -- When each waiting owner last had a job started. The owner served longest
     -- ago goes first, so one owner's burst cannot starve another owner's single job.
     SELECT waiting.owner_key,
-           CASE WHEN waiting.owner_key = '00000000-0000-0000-0000-000000000000'::uuid
-                THEN (SELECT max(started_at) FROM imagen.jobs WHERE owner_user_id IS NULL)
-                ELSE (SELECT max(started_at) FROM imagen.jobs WHERE owner_user_id = waiting.owner_key)
-           END AS last_started_at
+           (SELECT max(started_at) FROM imagen.jobs
+            -- Matches the expression of jobs_owner_started_idx, so this is one index probe.
+            WHERE coalesce(owner_user_id, '00000000-0000-0000-0000-000000000000'::uuid) = waiting.owner_key
+           ) AS last_started_at
     FROM (SELECT DISTINCT owner_key FROM candidates WHERE owner_rank = 1) AS waiting
 ),
 picked AS (

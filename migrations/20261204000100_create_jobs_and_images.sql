@@ -134,9 +134,10 @@ CREATE TABLE IF NOT EXISTS imagen.usage (
 -- The claim reads pending rows per owner in created_at order.
 CREATE INDEX IF NOT EXISTS jobs_pending_claim_idx
     ON imagen.jobs (owner_user_id, created_at, id) WHERE status = 'pending';
--- The claim looks up when each waiting owner last had a job started.
+-- The claim looks up when each waiting owner last had a job started; jobs
+-- without an owner share the nil UUID as their key.
 CREATE INDEX IF NOT EXISTS jobs_owner_started_idx
-    ON imagen.jobs (owner_user_id, started_at);
+    ON imagen.jobs ((coalesce(owner_user_id, '00000000-0000-0000-0000-000000000000'::uuid)), started_at);
 -- The lease rescue reads running rows whose lease has expired.
 CREATE INDEX IF NOT EXISTS jobs_running_lease_idx
     ON imagen.jobs (lease_expires_at) WHERE status = 'running';
