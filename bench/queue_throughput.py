@@ -19,7 +19,7 @@ Variants:
 
 Each consumer and each procrastinate worker keeps up to --concurrency jobs
 in flight. With --profile-dir, one extra run per imagen variant is recorded
-with py-spy and pg_stat_statements; its figures are not in the main table.
+with py-spy and pg_stat_statements, and its figures stay out of the main table.
 """
 
 from __future__ import annotations

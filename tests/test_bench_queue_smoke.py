@@ -1,7 +1,7 @@
 """Smoke runs of the queue benchmarks, so the scripts keep working as the consumer changes.
 
 Each script starts its own embedded PostgreSQL server in a fresh directory
-under /tmp and removes it afterwards; `--smoke` keeps the sizes tiny.
+under /tmp and removes it afterwards. `--smoke` keeps the sizes tiny.
 """
 
 from __future__ import annotations
