@@ -12,7 +12,7 @@ from consumer.backends import build_backends
 from consumer.storage import LocalStore
 from consumer.worker import Consumer
 from tests.consumer_fixtures import fast_settings
-from tests.db_fixtures import insert_job, wait_for_status
+from tests.db_fixtures import insert_job, wait_for_status, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,15 @@ async def test_service_replaces_dead_consumer(dsn, db, tmp_path, serve_handle, s
     dead = service.consumers[0]
     ray.kill(dead)
 
+    # ray.kill returns before the actor is gone; wait until calls to it fail.
+    async def actor_gone() -> bool:
+        try:
+            await dead.status.remote()
+        except ray.exceptions.RayActorError:
+            return True
+        return False
+
+    await wait_until(actor_gone, timeout_s=30, what="killed actor gone")
     statuses = await service.consumer_statuses()
 
     assert service.consumers[0] is not dead
