@@ -17,7 +17,12 @@ def queries() -> dict[str, str]:
     # parts = [header, name1, body1, name2, body2, ...]
     named = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        named[name] = body.strip().rstrip(";")
+        lines = body.strip().splitlines()
+        # The purpose comment stays in the file: tracing names a statement's span
+        # after its first word, which must be SQL.
+        while lines and lines[0].lstrip().startswith("--"):
+            lines.pop(0)
+        named[name] = "\n".join(lines).strip().rstrip(";")
     return named
 
 
