@@ -229,3 +229,15 @@ GRANT INSERT (id, owner_user_id, prompt, style, backend, width, height, steps, g
 GRANT UPDATE (status) ON imagen.jobs TO authenticated;
 GRANT ALL ON imagen.jobs, imagen.images, imagen.usage TO service_role;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA imagen TO service_role;
+
+-- On Supabase, publish job rows to Realtime so the UI can follow status and
+-- progress without polling. Plain PostgreSQL has no such publication.
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'supabase_realtime')
+     AND NOT EXISTS (SELECT 1 FROM pg_publication_tables
+                     WHERE pubname = 'supabase_realtime' AND schemaname = 'imagen' AND tablename = 'jobs') THEN
+    ALTER PUBLICATION supabase_realtime ADD TABLE imagen.jobs;
+  END IF;
+END
+$$;

@@ -218,3 +218,27 @@ async def test_jobs_reject_worker_values_that_strand_jobs(db, columns, constrain
             f"INSERT INTO imagen.jobs (prompt, {', '.join(columns)}) VALUES ($1, {', '.join(placeholders)})",
             "x", *params)
     assert caught.value.constraint_name == constraint
+
+
+async def test_migration_publishes_jobs_to_supabase_realtime(pg_server_url):
+    from tests.db_fixtures import _with_database
+
+    name = f"imagen_realtime_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_server_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        url = _with_database(pg_server_url, name)
+        connection = await asyncpg.connect(url)
+        try:
+            # As on Supabase, the publication exists before imagen's migrations run.
+            await connection.execute("CREATE PUBLICATION supabase_realtime")
+            await migrate(url)
+            published = await connection.fetchval(
+                "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'supabase_realtime' "
+                "AND schemaname = 'imagen' AND tablename = 'jobs'")
+            assert published == 1
+        finally:
+            await connection.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
