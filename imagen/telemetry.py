@@ -81,13 +81,18 @@ def _otlp_exporter():
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
+    # Without an explicit OTEL_EXPORTER_OTLP_TIMEOUT, one export waits at most
+    # DEFAULT_FLUSH_TIMEOUT_S instead of the SDK's 10 s, which bounds the last
+    # export at shutdown when the collector is unreachable.
+    explicit = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    options = {} if explicit else {"timeout": DEFAULT_FLUSH_TIMEOUT_S}
     if protocol.startswith("http"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        return OTLPSpanExporter(**options)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()
+    return OTLPSpanExporter(**options)
 
 
 def shutdown_tracing(timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S) -> None:
@@ -100,9 +105,8 @@ def shutdown_tracing(timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S) -> None:
     if not flushed:
         logger.warning("spans not flushed within %.1f s; the collector may be unreachable", timeout_s,
                        extra={"event": "tracing_flush_timeout"})
-    # NOTE: shutdown() exports what is left once more; with an unreachable
-    # collector that export is bounded by the exporter's own timeout
-    # (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default), not by timeout_s.
+    # shutdown() exports what is left once more; with an unreachable collector
+    # that export is bounded by the exporter's timeout (see _otlp_exporter).
     provider.shutdown()
 
 

@@ -76,8 +76,7 @@ async def test_sigterm_with_unreachable_collector_exits_in_bounded_time(dsn, db,
         closed_port = probe.getsockname()[1]
     process = _consume_process(dsn, tmp_path, {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{closed_port}",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "600000",
-        "OTEL_EXPORTER_OTLP_TIMEOUT": "2"})
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "600000"})
     try:
         job_id = await insert_job(db)
         assert (await wait_for_status(db, job_id, timeout_s=30))["status"] == "done"
@@ -86,7 +85,8 @@ async def test_sigterm_with_unreachable_collector_exits_in_bounded_time(dsn, db,
         process.send_signal(signal.SIGTERM)
         exit_code = process.wait(timeout=60)
     assert exit_code == 0
-    assert time.monotonic() - started < 30
+    # The flush waits at most 5 s and the final export at most 5 s more.
+    assert time.monotonic() - started < 20
 
 
 async def test_job_trace_continues_producer_and_spans_replica(dsn, db, tmp_path, serve_handle, span_exporter,
