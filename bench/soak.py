@@ -59,7 +59,7 @@ class SoakConfig:
 
 @dataclass
 class ChaosLog:
-    """What the chaos loop did, by kind of fault."""
+    """Counts of the faults the chaos loop caused, by kind."""
 
     kills: int = 0
     terminations: int = 0
@@ -136,8 +136,8 @@ async def produce(dsn: str, config: SoakConfig, inserted: list[str]) -> None:
                 f"soak job {len(inserted)}", 1 + len(inserted) % 4, config.max_attempts)
             inserted.append(str(job_id))
         except CONNECTION_ERRORS:
-            # NOTE: an INSERT whose commit landed but whose reply was lost is
-            # not in `inserted`; the report counts it as an extra job, not a loss.
+            # NOTE: an INSERT whose commit landed but whose reply was lost is not
+            # in `inserted`, so the report counts it as an extra job, not a loss.
             if connection is not None:
                 connection.terminate()
             connection = None

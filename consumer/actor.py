@@ -30,7 +30,6 @@ class ConsumerActor:
         self._settings = settings
         self._dsn = dsn
         self._consumer = None
-        self._run_task: asyncio.Task | None = None
 
     async def start(self) -> dict[str, Any]:
         """Build the consumer against the deployment's handle and start claiming; returns its status."""

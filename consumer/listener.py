@@ -80,7 +80,7 @@ class Listener:
                     extra={"event": "listener_reconnect_wait", "consumer_id": self._consumer_id,
                            "failures": failures},
                 )
-                await _sleep_unless(stop, delay_s)
+                await sleep_unless(stop, delay_s)
             finally:
                 await self._close()
 
@@ -174,7 +174,8 @@ def _parse_uuid(payload: str) -> str | None:
         return None
 
 
-async def _sleep_unless(stop: asyncio.Event, delay_s: float) -> None:
+async def sleep_unless(stop: asyncio.Event, delay_s: float) -> None:
+    """Sleep `delay_s` seconds, or less when `stop` is set meanwhile."""
     try:
         await asyncio.wait_for(stop.wait(), timeout=delay_s)
     except asyncio.TimeoutError:

@@ -63,7 +63,7 @@ class RayMetricsObserver(Observer):
 
 
 def build_observer() -> Observer:
-    """The Ray metrics observer inside Ray, the silent one elsewhere."""
+    """Return the Ray metrics observer inside Ray, and the silent one elsewhere."""
     try:
         import ray
 

@@ -112,7 +112,7 @@ WHERE j.id = expired.id
 RETURNING j.id, j.backend, j.status, j.attempt, j.max_attempts, expired.lease_owner AS lost_consumer;
 
 -- name: complete_job
--- Record the image, the usage row, status 'done' and $23 of $23 steps for job $1 if consumer $2 still holds attempt $3; returns the image id.
+-- Record the image, the usage row, status 'done' and $23 of $23 steps for job $1 if consumer $2 still has the lease of attempt $3; returns the image id.
 WITH held AS (
     SELECT id, owner_user_id
     FROM imagen.jobs
@@ -145,14 +145,14 @@ WHERE j.id = image.job_id
 RETURNING j.image_id;
 
 -- name: fail_job
--- Mark job $1 failed with error $4 if consumer $2 still holds attempt $3.
+-- Mark job $1 failed with error $4 if consumer $2 still has the lease of attempt $3.
 UPDATE imagen.jobs
 SET status = 'failed', error = $4, finished_at = now(), lease_expires_at = NULL
 WHERE id = $1 AND lease_owner = $2 AND attempt = $3 AND status = 'running'
 RETURNING id;
 
 -- name: retry_job
--- Send job $1 back to the queue after $5 seconds with error $4 if consumer $2 still holds attempt $3.
+-- Send job $1 back to the queue after $5 seconds with error $4 if consumer $2 still has the lease of attempt $3.
 UPDATE imagen.jobs
 SET status = 'pending',
     error = $4,
@@ -205,6 +205,13 @@ INSERT INTO imagen.jobs (owner_user_id, prompt, style, backend, width, height, s
 VALUES ($1, $2, $3, coalesce($4, 'flux-schnell-local'), coalesce($5, 1024), coalesce($6, 1024), $7, $8, $9,
         coalesce($10, 3), $11)
 RETURNING id;
+
+-- name: cancel_job
+-- Cancel job $1 if it has not finished; returns its new status.
+UPDATE imagen.jobs
+SET status = 'cancelled'
+WHERE id = $1 AND status IN ('pending', 'running')
+RETURNING status;
 
 -- name: get_job
 -- Read one job with its image.

@@ -72,7 +72,7 @@ class ClaimedJob:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """What the images and usage rows record about a finished job."""
+    """Fields of the images and usage rows of a finished job."""
 
     prompt: str
     backend: str
@@ -103,10 +103,6 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     trip per statement.
     """
     return None
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, CONNECTION_ERRORS) or isinstance(exc, DatabaseError)
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
@@ -152,9 +148,9 @@ class JobRepository:
                          ) -> AsyncIterator[str | None]:
         """Record job `job` as done inside a transaction that commits when the block exits.
 
-        Yields the new image id, or None when this consumer no longer holds the
-        job (nothing is written then). The block stores the object; an exception
-        inside it rolls everything back.
+        Yields the new image id, or None when this consumer has lost the job's
+        lease (nothing is written then). The block stores the object, and an
+        exception inside it rolls everything back.
         """
         try:
             async with self.pool.acquire() as connection, connection.transaction():

@@ -29,9 +29,9 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from consumer.backends import BackendOutput, BackendRegistry, BackendSpec, JobContext
-from consumer.listener import Listener
+from consumer.listener import Listener, sleep_unless
 from consumer.observer import NULL_OBSERVER, Observer
-from consumer.repository import ClaimedJob, ImageRecord, JobRepository, create_pool, is_connection_error
+from consumer.repository import CONNECTION_ERRORS, ClaimedJob, ImageRecord, JobRepository, create_pool
 from consumer.storage import ObjectStore, object_key
 from imagen.errors import (
     BackendTimeoutError,
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# Longest a busy consumer waits for more free slots before it claims, in seconds.
+# Maximum seconds a busy consumer waits for more free slots before it claims.
 CLAIM_GATHER_S = 0.005
 
 # The queue as OpenTelemetry's messaging conventions name a destination.
@@ -147,7 +147,7 @@ class Consumer:
     async def _check_listen(self) -> None:
         try:
             works = await self.listener.probe(self.pool)
-        except (asyncio.TimeoutError, *_db_errors()) as exc:
+        except (DatabaseError, *CONNECTION_ERRORS) as exc:
             logger.warning("LISTEN probe could not run: %s", exc,
                            extra={"event": "listen_probe_failed", "consumer_id": self.id})
             return
@@ -210,7 +210,7 @@ class Consumer:
     async def _poll_loop(self) -> None:
         """Wake the claim loop every poll interval, covering lost notifications."""
         while not self._stopping.is_set():
-            await _sleep_unless(self._stopping, self.settings.poll_interval_s)
+            await sleep_unless(self._stopping, self.settings.poll_interval_s)
             self._wake.set()
 
     async def _claim_loop(self) -> None:
@@ -272,7 +272,7 @@ class Consumer:
         """Renew leases a few times per lease period and rescue leases other consumers let expire."""
         interval_s = self.settings.lease_s / 3
         while not self._stopping.is_set():
-            await _sleep_unless(self._stopping, interval_s)
+            await sleep_unless(self._stopping, interval_s)
             if self._stopping.is_set():
                 return
             await self._renew_leases()
@@ -334,7 +334,7 @@ class Consumer:
     # ------------------------------------------------------------------ one job
 
     async def _run_job_guarded(self, job: ClaimedJob, claim_window: tuple[int, int]) -> None:
-        """Run one job; whatever happens, the job ends recorded and its slot is freed."""
+        """Run one job and free its slot, whatever the job raises."""
         try:
             await self._run_job(job, claim_window)
         except asyncio.CancelledError:
@@ -391,9 +391,9 @@ class Consumer:
             return outcome
         except DatabaseError as exc:
             # The database stayed away for a whole lease period while the result
-            # was recorded. The lease is no longer renewed, so once it expires any
-            # consumer's rescue sends the job back to the queue; failing it here
-            # would throw away an attempt that did nothing wrong.
+            # was recorded. The lease is no longer renewed, so any consumer's
+            # rescue sends the job back to the queue once it expires. Failing it
+            # here would use up an attempt that did nothing wrong.
             logger.warning("database unreachable while recording the job; leaving it to the lease rescue: %s", exc,
                            extra={"event": "job_abandoned", "job_id": job.id, "attempt": job.attempt})
             trace.get_current_span().record_exception(exc)
@@ -721,17 +721,5 @@ def _with_key(record: ImageRecord, key: str) -> ImageRecord:
     return replace(record, storage_key=key)
 
 
-def _db_errors() -> tuple[type[BaseException], ...]:
-    from consumer.repository import CONNECTION_ERRORS
 
-    return (DatabaseError, *CONNECTION_ERRORS)
-
-
-async def _sleep_unless(event: asyncio.Event, delay_s: float) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), timeout=delay_s)
-    except asyncio.TimeoutError:
-        pass
-
-
-__all__ = ["Consumer", "new_consumer_id", "is_connection_error"]
+__all__ = ["Consumer", "new_consumer_id"]

@@ -83,13 +83,9 @@ def progress(enabled: bool):
 
 
 def _print_row(row: dict[str, Any]) -> None:
-    print(json.dumps({key: _jsonable(value) for key, value in row.items()}, indent=2, ensure_ascii=False))
+    from imagen.demo import jsonable_row
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    print(json.dumps(jsonable_row(row), indent=2, ensure_ascii=False))
 
 
 async def _connect(settings: Settings):
@@ -172,7 +168,7 @@ async def wait_for_job(connection, job_id: str, *, timeout_s: float, show_progre
 
 
 class _ProgressBar:
-    """A terminal bar of a job's denoising steps; silent when not on a terminal."""
+    """Progress bar of a job's denoising steps, drawn only on a terminal."""
 
     def __init__(self, enabled: bool) -> None:
         self._progress = None
@@ -199,12 +195,11 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     async def cancel() -> int:
         connection = await _connect(settings)
         try:
-            status = await connection.fetchval(
-                "UPDATE imagen.jobs SET status = 'cancelled' WHERE id = $1 AND status IN ('pending', 'running') "
-                "RETURNING status", uuid.UUID(args.job_id))
+            from consumer.queries import query
+
+            status = await connection.fetchval(query("cancel_job"), uuid.UUID(args.job_id))
             if status is None:
-                current = await connection.fetchval("SELECT status FROM imagen.jobs WHERE id = $1",
-                                                    uuid.UUID(args.job_id))
+                current = await connection.fetchval(query("job_state"), uuid.UUID(args.job_id), column=1)
                 print(f"job {args.job_id} was not cancelled: it is {current or 'not found'}", file=sys.stderr)
                 return 1
             print(f"job {args.job_id} cancelled")

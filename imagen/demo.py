@@ -29,6 +29,12 @@ RETURNING id
 SPAN_WAIT_S = 10.0
 
 
+def jsonable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Return the row with every value JSON can carry as is, and the rest (UUIDs, times) as text."""
+    return {key: value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+            for key, value in row.items()}
+
+
 async def run_demo(settings: Settings, args: Any, *, choose_model, wait_for_job, progress,
                    install_signal_handlers) -> int:
     import asyncpg
@@ -66,7 +72,7 @@ async def run_demo(settings: Settings, args: Any, *, choose_model, wait_for_job,
             _print_trace(collector, trace_id)
             collector.stop()
 
-    job = {key: _jsonable(value) for key, value in dict(row).items()}
+    job = jsonable_row(dict(row))
     print(json.dumps(job, indent=2, ensure_ascii=False))
     if row["status"] != "done":
         print(f"job {job['id']} ended {row['status']}: {row['error']}", file=sys.stderr)
@@ -101,9 +107,3 @@ def _print_trace(collector, trace_id: str) -> None:
         print("no spans were received for the job's trace", file=sys.stderr)
         return
     print(collector.render_tree(trace_id), file=sys.stderr)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

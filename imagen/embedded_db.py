@@ -66,8 +66,8 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start the server if needed, create the imagen database, and return its URL.
 
-        `started` tells afterwards whether this call started the server, so
-        a command stops only a server it started itself.
+        Afterwards `started` is True when this call started the server, so a
+        command stops only a server it started itself.
         """
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()

@@ -39,7 +39,7 @@ class MigrationError(DatabaseError):
 
 
 class JobError(ImagenError):
-    """A job could not complete; `transient` says whether a retry may succeed.
+    """A job could not complete; `transient` tells the consumer whether a retry may succeed.
 
     `retry_after_s` is the delay a remote service requested before the next
     try (an HTTP 429 `Retry-After`), or None when it sent none.
@@ -69,7 +69,7 @@ class BackendError(JobError):
 
 
 class BackendTimeoutError(BackendError):
-    """The model backend did not answer within its timeout."""
+    """The model backend timed out."""
 
     transient = True
 

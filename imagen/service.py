@@ -43,7 +43,7 @@ class Service:
     health_file: Path | None = None
 
     async def start(self, *, migrate: bool = False, serve: bool = True, progress=None) -> None:
-        """Bring everything up; `progress(text)` is told about each slow step."""
+        """Start everything, calling `progress(text)` before each slow step."""
         say = progress or (lambda _text: None)
 
         say("starting the database")
@@ -172,7 +172,7 @@ async def check_database(dsn: str, *, require_schema: bool, timeout_s: float = 1
 
 
 def check_health(settings: Settings, max_age_s: float = 30.0) -> tuple[bool, str]:
-    """Read the health file and say whether the service is ready, and why not."""
+    """Read the health file; return whether the service is ready and the reason."""
     path = settings.data_dir / "health.json"
     try:
         payload = json.loads(path.read_text())

@@ -92,9 +92,19 @@ class Settings:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_choices()
+        self._check_services()
+
+    def _check_numbers(self) -> None:
         _check_positive(self, "serve_replicas", "serve_max_batch_size", "serve_max_ongoing_requests",
                         "consumers", "concurrency", "max_attempts", "serve_max_replicas",
                         "serve_target_ongoing_requests")
+        _check_positive(self, "poll_interval_s", "lease_s", "backend_timeout_s", "serve_num_cpus",
+                        "listener_check_interval_s", "reconnect_max_delay_s", "retry_max_delay_s")
+        _check_non_negative(self, "serve_batch_wait_timeout_s", "retry_base_delay_s",
+                            "shutdown_grace_s", "progress_interval_s", "mock_step_s")
+
         if self.serve_min_replicas < 0 or self.serve_min_replicas > self.serve_max_replicas:
             raise SettingsError(
                 f"IMAGEN_SERVE_MIN_REPLICAS must be between 0 and IMAGEN_SERVE_MAX_REPLICAS "
@@ -102,10 +112,26 @@ class Settings:
             )
         if not 1 <= self.max_attempts <= 10:
             raise SettingsError(f"IMAGEN_MAX_ATTEMPTS must be between 1 and 10, got {self.max_attempts}")
-        _check_positive(self, "poll_interval_s", "lease_s", "backend_timeout_s", "serve_num_cpus",
-                        "listener_check_interval_s", "reconnect_max_delay_s", "retry_max_delay_s")
-        _check_non_negative(self, "serve_batch_wait_timeout_s", "retry_base_delay_s",
-                            "shutdown_grace_s", "progress_interval_s", "mock_step_s")
+        if self.lease_s < 3:
+            raise SettingsError(
+                f"IMAGEN_LEASE_S must be at least 3 seconds so a lease can be renewed in time, "
+                f"got {self.lease_s}"
+            )
+
+    def _check_choices(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(f"IMAGEN_DEVICE must be auto, cpu or cuda, got {self.device!r}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(
+                f"IMAGEN_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}"
+            )
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"IMAGEN_LOG_FORMAT must be text or json, got {self.log_format!r}")
+
+    def _check_services(self) -> None:
+        if self.database_url is not None:
+            _check_database_url(self.database_url)
+
         if self.owner_user_id is not None:
             try:
                 uuid.UUID(self.owner_user_id)
@@ -114,26 +140,12 @@ class Settings:
                     f"IMAGEN_OWNER_USER_ID must be a UUID, got {self.owner_user_id!r}; "
                     "set it to the owner's auth.users id"
                 ) from None
+
         if bool(self.supabase_url) != bool(self.supabase_service_key):
             missing = "SUPABASE_SERVICE_KEY" if self.supabase_url else "SUPABASE_URL"
             raise SettingsError(
                 f"{missing} is missing: set both SUPABASE_URL and SUPABASE_SERVICE_KEY "
                 "to upload to Supabase Storage, or neither to write local files"
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise SettingsError(f"IMAGEN_DEVICE must be auto, cpu or cuda, got {self.device!r}")
-        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise SettingsError(
-                f"IMAGEN_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}"
-            )
-        if self.database_url is not None:
-            _check_database_url(self.database_url)
-        if self.log_format not in ("text", "json"):
-            raise SettingsError(f"IMAGEN_LOG_FORMAT must be text or json, got {self.log_format!r}")
-        if self.lease_s < 3:
-            raise SettingsError(
-                f"IMAGEN_LEASE_S must be at least 3 seconds so a lease can be renewed in time, "
-                f"got {self.lease_s}"
             )
 
     @property

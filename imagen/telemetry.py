@@ -18,7 +18,7 @@ from opentelemetry.propagate import extract, inject
 
 logger = logging.getLogger(__name__)
 
-# Longest wait for the collector when flushing at shutdown.
+# Maximum seconds to wait for the collector when flushing at shutdown.
 DEFAULT_FLUSH_TIMEOUT_S = 5.0
 
 _provider = None
@@ -34,7 +34,7 @@ def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def otel_env_vars(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The OTEL_* variables of this process, to hand to Ray actors and replicas."""
+    """Return the OTEL_* variables of this process, to pass to Ray actors and replicas."""
     env = os.environ if environ is None else environ
     return {key: value for key, value in env.items() if key.startswith("OTEL_")}
 

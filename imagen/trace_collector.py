@@ -83,7 +83,7 @@ class TraceCollector:
             return self.received.wait_for(lambda: predicate(list(self.spans)), timeout=timeout_s)
 
     def render_tree(self, trace_id: str) -> str:
-        """The trace's spans as an indented tree with durations and the service of each."""
+        """Render the trace's spans as an indented tree with durations and the service of each."""
         spans = sorted(self.trace(trace_id), key=lambda span: span.start_ns)
         by_parent: dict[str, list[ReceivedSpan]] = {}
         ids = {span.span_id for span in spans}

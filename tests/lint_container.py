@@ -318,7 +318,12 @@ def run_checks() -> list[CheckResult]:
 def main() -> int:
     failed = 0
     for result in run_checks():
-        status = "skipped" if result.skipped else ("ok" if result.passed else "FAILED")
+        if result.skipped:
+            status = "skipped"
+        elif result.passed:
+            status = "ok"
+        else:
+            status = "FAILED"
         print(f"{result.name}: {status}")
         if result.output.strip() and (not result.passed or result.skipped):
             print("  " + result.output.strip().replace("\n", "\n  "))

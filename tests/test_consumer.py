@@ -288,7 +288,7 @@ async def test_jobs_inserted_while_listener_down_are_picked_up(start_consumer, d
     consumer = await start_consumer(poll_interval_s=3600.0, listener_check_interval_s=0.2)
     await db.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'imagen-listener-%'")
-    # Inserted while nobody listens: only the scan after reconnecting can find them.
+    # Inserted while no connection listens, so only the scan after reconnecting finds them.
     job_ids = [await insert_job(db, prompt=f"missed {n}") for n in range(5)]
     for job_id in job_ids:
         row = await wait_for_status(db, job_id, timeout_s=15.0)

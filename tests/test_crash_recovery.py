@@ -137,7 +137,7 @@ async def test_many_consumer_processes_run_each_job_once(dsn, db, tmp_path):
 
 @pytest.fixture
 async def own_server():
-    """A PostgreSQL server of this test alone, so restarting it disturbs nobody else."""
+    """A PostgreSQL server for this test alone, so restarting it disturbs no other test."""
     data_dir = server_data_dir("restart")
     server = EmbeddedPostgres(data_dir)
     url = server.start()

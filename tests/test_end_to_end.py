@@ -33,7 +33,7 @@ def _png_size(consumer: Consumer, key: str) -> tuple[int, int]:
         return image.size
 
 
-async def test_local_job_ends_done_with_png_of_requested_size(serve_consumer, db):
+async def test_local_job_done_at_requested_size(serve_consumer, db):
     job_id = await insert_job(db, prompt="a lighthouse at dawn", backend="flux-schnell-local", width=96,
                               height=64, steps=4)
 

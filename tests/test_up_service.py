@@ -32,7 +32,7 @@ def short_data_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def test_up_with_go_env_file_runs_local_and_replicate_jobs(dsn, db, fake_supabase, fake_replicate,
+async def test_up_with_go_env_file(dsn, db, fake_supabase, fake_replicate,
                                                                 short_data_dir, tmp_path):
     env_file = tmp_path / ".env.imagen-worker"
     env_file.write_text(

@@ -1,4 +1,4 @@
-"""What every model backend provides to the consumer.
+"""The interface every model backend offers the consumer.
 
 A backend turns a `GenerationRequest` into a `GenerationResult`. It declares
 what it supports in a `BackendSpec`, so the consumer rejects a job the backend
@@ -25,7 +25,7 @@ def is_blank(text: str) -> bool:
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """What a backend accepts; values outside these limits fail the job before generation."""
+    """Limits of a backend; a job outside them fails before generation."""
 
     name: str
     kind: str  # "local", "replicate" or "mock"
@@ -73,7 +73,7 @@ class JobContext:
     """What a backend may know and do about the job it serves.
 
     `prediction_id` is set when an earlier attempt already started a hosted
-    prediction; `save_prediction_id` stores a new one on the job row at once,
+    prediction. `save_prediction_id` stores a new one on the job row at once,
     so a retry resumes it instead of paying for a second prediction.
     """
 

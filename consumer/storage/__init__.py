@@ -1,4 +1,4 @@
-"""Where finished images go: the local disk, Supabase Storage, or both."""
+"""Stores for finished images: the local disk, Supabase Storage, or both."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ __all__ = ["ObjectStore", "LocalStore", "MirroredStore", "build_store", "object_
 class MirroredStore:
     """Write every object to a primary store and keep a copy in a second one.
 
-    The primary (Supabase Storage) is what the images row records; the local
-    copy is a convenience and is written first so a failed upload leaves no
-    remote object without a local one.
+    The images row records the primary (Supabase Storage). The local copy is
+    written first, so a failed upload leaves no remote object without a local one.
     """
 
     def __init__(self, primary: ObjectStore, copy: ObjectStore) -> None:

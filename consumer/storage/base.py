@@ -1,4 +1,4 @@
-"""What every image store provides to the consumer, and how object keys are made."""
+"""The image store interface, and the object key format."""
 
 from __future__ import annotations
 
