@@ -427,3 +427,15 @@ async def test_local_store_rejects_escaping_key(tmp_path):
     store = LocalStore(tmp_path / "images")
     with pytest.raises(StorageError, match="must stay inside"):
         await store.put("../outside.png", b"x", "image/png")
+
+
+async def test_local_store_file_readable_by_others(tmp_path):
+    import stat
+
+    from consumer.storage import LocalStore
+
+    store = LocalStore(tmp_path / "images")
+    await store.put("2026-01-01/a-1.png", b"\x89PNG data", "image/png")
+    mode = (tmp_path / "images" / "2026-01-01" / "a-1.png").stat().st_mode
+    assert mode & stat.S_IROTH
+    assert not mode & stat.S_IWOTH

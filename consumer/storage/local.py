@@ -75,6 +75,9 @@ def _write_atomically(path: Path, data: bytes, make_folder: bool = True) -> None
         try:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
+            # mkstemp creates the file readable by its owner alone; images are
+            # meant to be read by other users too (a web server, a sync job).
+            os.chmod(temp_name, 0o644)
             os.replace(temp_name, path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
